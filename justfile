@@ -1,0 +1,33 @@
+# shopkpi recipes. Run through ./dev (which makes the virtual environment) or, inside it, with `just`.
+set positional-arguments
+
+# list the recipes
+help:
+    @just --list
+
+# the main job for now: generate a sample data set and compute its KPIs locally, with no AWS
+demo dir="data/sample":
+    python -m loadgen.generate {{dir}} --orders 20000 --days 14 --parts 4 --bad-rows 20 --bad-file --seed 7
+    shopkpi process {{dir}}
+
+# the test suite (what CI runs): lint, types, then pytest
+test *args:
+    ruff check .
+    mypy processor shopkpi loadgen orchestration perf
+    python -m pytest "$@"
+
+# validate and transform local files, print the KPIs
+process *args:
+    shopkpi process "$@"
+
+# generate a data set of about SIZE_GB of CSV into DIR
+generate dir size_gb="0.5":
+    python -m loadgen.generate {{dir}} --size-gb {{size_gb}} --days 30 --seed 1
+
+# multi-GB benchmark: shopkpi process vs bare polars parse vs DuckDB, with peak memory (see docs/performance.md)
+loadtest size_gb="2":
+    python -m perf.compare --size-gb {{size_gb}}
+
+# pytest-benchmark regression suite on a generated data set (not part of `test`)
+bench *args:
+    python -m pytest perf --benchmark-enable --benchmark-only "$@"

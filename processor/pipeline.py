@@ -1,0 +1,203 @@
+"""The steps of the pipeline, composed over local files and a staging store.
+
+:func:`validate_file` is the validation task's body for one local file; :func:`process_local` runs validation,
+staging and the merge for files on disk in one process, with no AWS at all (``shopkpi process``, the benchmarks,
+and the property tests use it). The ECS tasks in :mod:`processor.tasks` call the same functions with an S3 store.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import polars as pl
+
+from processor.errors import FileRejected, Reason
+from processor.ingest import IngestOutput, ingest
+from processor.log import context, get_logger
+from processor.merge import combine_dates, load_state, merge
+from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
+from processor.schema import detect_dataset
+from processor.settings import Settings
+from processor.stage import Segment, commit, file_id_for, is_committed, segment_key
+from processor.store import LocalStore, Store
+
+log = get_logger("pipeline")
+
+
+@dataclass
+class Validated:
+    result: ValidationResult
+    report: dict[str, Any]
+    output: IngestOutput | None  # None when the file was rejected whole
+    rejects_csv: Path | None  # rejected rows (also for rejected files, when rows were read)
+
+
+def validate_file(
+    path: Path, *, source: str, file_id: str, arrival: datetime, settings: Settings, work_dir: Path
+) -> Validated:
+    """Validate one local file (its name, or ``source``, names the dataset). Never raises for bad data."""
+    started = time.perf_counter()
+    dataset = detect_dataset(source)
+    base: dict[str, Any] = {
+        "file_id": file_id,
+        "source": source,
+        "dataset": dataset.name if dataset else None,
+        "arrival": arrival.astimezone(UTC).isoformat(),
+    }
+    with context(file=source, stage="validate"):
+        try:
+            if dataset is None:
+                raise FileRejected(
+                    Reason.UNKNOWN_DATASET,
+                    "no dataset named by the path (incoming/<dataset>/...) or the file name "
+                    "(products*, orders*, order_items*)",
+                )
+            out = ingest(
+                path,
+                dataset,
+                work_dir,
+                buckets=settings.buckets,
+                chunk_rows=settings.chunk_rows,
+                max_invalid_share=settings.max_invalid_share,
+                name=source,
+            )
+        except FileRejected as e:
+            ctx = {k: v for k, v in e.context.items() if k != "reason"}
+            result = ValidationResult(
+                **base,
+                outcome="rejected",
+                reason=str(e.reason),
+                message=e.message,
+                rows=ctx.get("rows", 0),
+                valid_rows=ctx.get("valid_rows", 0),
+                rejected_rows=ctx.get("rows", 0) - ctx.get("valid_rows", 0),
+                rejects_by_reason=ctx.get("rejects_by_reason", {}),
+                seconds=round(time.perf_counter() - started, 3),
+            )
+            log.warning("file.rejected", reason=str(e.reason), message=e.message)
+            rejects = work_dir / "rejects.csv"
+            report = {**msgspec.structs.asdict(result), "error": e.to_dict()}
+            return Validated(result, report, None, rejects if rejects.exists() else None)
+        result = ValidationResult(
+            **base,
+            outcome="accepted",
+            rows=out.rows,
+            valid_rows=out.valid_rows,
+            rejected_rows=out.rejected_rows,
+            rejects_by_reason=out.rejects_by_reason,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        log.info("file.accepted", rows=out.rows, rejected_rows=out.rejected_rows, **out.timings)
+        report = {
+            **msgspec.structs.asdict(result),
+            "buckets": out.buckets,
+            "samples": out.samples,
+            "warnings": out.warnings,
+            "timings": {k: round(v, 3) for k, v in out.timings.items()},
+        }
+        return Validated(result, report, out, out.rejects)
+
+
+def segment_for(v: Validated, arrival: datetime) -> Segment:
+    assert v.output is not None
+    return Segment(
+        file_id=v.result.file_id,
+        dataset=v.output.dataset,
+        source=v.result.source,
+        arrival_us=int(arrival.timestamp() * 1_000_000),
+        rows=v.output.valid_rows,
+        buckets=v.output.buckets,
+        key=segment_key(v.output.dataset, v.result.file_id),
+    )
+
+
+@dataclass
+class LocalRun:
+    files: list[ValidationResult]
+    merge: MergeResult
+    daily: list[OrderKpi]
+    category: list[CategoryKpi]
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Files and directories (recursively, sorted) -> files, in the order given."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        else:
+            out.append(p)
+    return out
+
+
+def stage_local(paths: list[Path], store: Store, settings: Settings, work: Path) -> list[ValidationResult]:
+    """Validate local files and commit the accepted ones to ``store``, without merging.
+
+    Files arrive in the order given (a later file wins over an earlier one on a conflicting key). A file staged
+    before is recognised (same path, size and modification time) and skipped.
+    """
+    results: list[ValidationResult] = []
+    base = datetime.now(UTC)
+    for i, path in enumerate(expand(paths)):
+        stat = path.stat()
+        source = str(path.resolve())
+        file_id = file_id_for(source, f"{stat.st_size}:{stat.st_mtime_ns}")
+        if is_committed(store, file_id):
+            log.info("file.already_staged", file=source)
+            continue
+        arrival = base + timedelta(microseconds=i)  # argument order is arrival order
+        fwork = work / file_id
+        v = validate_file(path, source=source, file_id=file_id, arrival=arrival, settings=settings, work_dir=fwork)
+        _keep_outputs(store, v)
+        if v.output is not None:
+            commit(store, v.output.segment, segment_for(v, arrival))
+        results.append(v.result)
+        shutil.rmtree(fwork, ignore_errors=True)
+    return results
+
+
+def process_local(paths: list[Path], staging: Path, settings: Settings) -> LocalRun:
+    """Validate, stage and merge local files, then return every KPI the staging directory now holds.
+
+    ``staging`` may be reused across calls: it keeps the staged data, so later calls add to what earlier ones saw.
+    """
+    store = LocalStore(staging)
+    work = settings.work_dir / f"process-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+    try:
+        results = stage_local(paths, store, settings, work)
+        with context(stage="merge"):
+            summary, _, _ = merge(
+                store,
+                buckets=settings.buckets,
+                generation=load_state(store).generation + 1,
+                scratch=work / "merge",
+                orphan_grace_s=settings.orphan_grace_s,
+            )
+        daily, category = all_kpis(store)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return LocalRun(results, summary, daily, category)
+
+
+def _keep_outputs(store: Store, v: Validated) -> None:
+    """Report and rejected rows of every file, next to the staged data."""
+    fid = v.result.file_id
+    store.put_bytes(f"reports/{fid}.json", msgspec.json.encode(v.report))
+    if v.rejects_csv is not None and v.rejects_csv.exists():
+        store.put_file(v.rejects_csv, f"rejects/{fid}.csv")
+
+
+def all_kpis(store: Store) -> tuple[list[OrderKpi], list[CategoryKpi]]:
+    """Every KPI of the current state of a staging store (all dates)."""
+    state = load_state(store)
+    if not state.buckets:
+        return [], []
+    paths = [store.local_path(f"{r.prefix}/daily.parquet") for r in state.buckets.values()]
+    dates = pl.scan_parquet(paths).select(pl.col("order_date").unique().sort()).collect().get_column("order_date")
+    return combine_dates(store, state.buckets, [d.isoformat() for d in dates.to_list()])

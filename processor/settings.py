@@ -1,0 +1,123 @@
+"""The one settings object. An explicit argument beats the environment, which beats the default.
+
+Every field is documented here and in the README's settings table; the environment variable is the field name in
+upper case with the ``SHOPKPI_`` prefix, except for the standard AWS variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from processor.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``"24h"``, ``"90m"``, ``"3600"`` (seconds) -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ConfigError(f"not a duration: {text!r} (use e.g. 3600, 90m, 24h, 2d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_share(text: str) -> float:
+    """``"0.05"`` or ``"5%"`` -> 0.05."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError as e:
+        raise ConfigError(f"not a share: {text!r} (use e.g. 0.05 or 5%)") from e
+    if not 0 <= value <= 1:
+        raise ConfigError(f"share out of range 0..1: {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Name of the deployed CloudFormation stack whose outputs name bucket, tables and state machine.
+    stack: str = field(default="shopkpi", metadata={"env": "SHOPKPI_STACK"})
+    #: When set, every AWS call goes to this endpoint (the embedded moto server); else the standard chain.
+    endpoint_url: str | None = field(default=None, metadata={"env": "AWS_ENDPOINT_URL"})
+    #: AWS region.
+    region: str = field(default="us-east-1", metadata={"env": "AWS_DEFAULT_REGION"})
+    #: Landing bucket (incoming/, archive/, rejected/, staging/); normally read from the stack outputs.
+    bucket: str | None = field(default=None, metadata={"env": "SHOPKPI_BUCKET"})
+    #: DynamoDB table of order-level (daily) KPIs.
+    order_table: str | None = field(default=None, metadata={"env": "SHOPKPI_ORDER_TABLE"})
+    #: DynamoDB table of category-level KPIs.
+    category_table: str | None = field(default=None, metadata={"env": "SHOPKPI_CATEGORY_TABLE"})
+    #: DynamoDB table of file outcomes, runs, the merge lock and the generation counter.
+    ledger_table: str | None = field(default=None, metadata={"env": "SHOPKPI_LEDGER_TABLE"})
+    #: Share of invalid rows above which a whole file is rejected ("0.05" or "5%").
+    max_invalid_share: float = field(default=0.05, metadata={"env": "SHOPKPI_MAX_INVALID_SHARE"})
+    #: How long an item may wait for its order or product before it is reported as an orphan ("24h").
+    orphan_grace_s: float = field(default=86400.0, metadata={"env": "SHOPKPI_ORPHAN_GRACE"})
+    #: Hash buckets of the staging area (orders and items by order_id). Fixed once data is staged.
+    buckets: int = field(default=64, metadata={"env": "SHOPKPI_BUCKETS"})
+    #: Rows per streamed chunk while validating; bounds the memory of the validation pass.
+    chunk_rows: int = field(default=500_000, metadata={"env": "SHOPKPI_CHUNK_ROWS"})
+    #: Local scratch directory (ECS ephemeral storage); large inputs are streamed to it, never held in memory.
+    work_dir: Path = field(default=Path(tempfile.gettempdir()) / "shopkpi", metadata={"env": "SHOPKPI_WORK_DIR"})
+    #: Parallel DynamoDB batch writers.
+    writer_threads: int = field(default=4, metadata={"env": "SHOPKPI_WRITER_THREADS"})
+    #: Lease of the merge lock, in seconds ("15m"); a merge that outlives it loses the right to publish.
+    lock_ttl_s: float = field(default=900.0, metadata={"env": "SHOPKPI_LOCK_TTL"})
+    #: Execution id put on every log line (the Step Functions execution name or ARN).
+    execution_id: str = field(default="local", metadata={"env": "SHOPKPI_EXECUTION_ID"})
+    #: Log level of the JSON logs.
+    log_level: str = field(default="INFO", metadata={"env": "SHOPKPI_LOG_LEVEL"})
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings: ``overrides`` (non-None) beat ``env`` (default ``os.environ``), which beats defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+                continue
+            names = [f.metadata["env"]]
+            if f.name == "region":
+                names = ["AWS_REGION", "AWS_DEFAULT_REGION"]
+            raw = next((env[n] for n in names if env.get(n)), None)
+            if raw is not None:
+                values[f.name] = _convert(f.name, raw)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.buckets < 1 or self.buckets > 4096:
+            raise ConfigError(f"SHOPKPI_BUCKETS must be 1..4096, got {self.buckets}")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"SHOPKPI_CHUNK_ROWS must be positive, got {self.chunk_rows}")
+        if self.writer_threads < 1:
+            raise ConfigError(f"SHOPKPI_WRITER_THREADS must be positive, got {self.writer_threads}")
+
+    @staticmethod
+    def documented() -> list[tuple[str, str, str]]:
+        """(environment variable, default, field name) for the README table."""
+        return [(f.metadata["env"], repr(f.default), f.name) for f in fields(Settings)]
+
+
+def _convert(name: str, raw: str) -> Any:
+    try:
+        if name == "max_invalid_share":
+            return parse_share(raw)
+        if name in ("orphan_grace_s", "lock_ttl_s"):
+            return parse_duration(raw)
+        if name in ("buckets", "chunk_rows", "writer_threads"):
+            return int(raw)
+        if name == "work_dir":
+            return Path(raw)
+    except ValueError as e:
+        raise ConfigError(f"bad value for {name}: {raw!r}") from e
+    return raw

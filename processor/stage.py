@@ -1,0 +1,76 @@
+"""Committing validated segments into the staging area (the body of the per-file transformation task).
+
+Layout under the staging root (a local directory or ``s3://<bucket>/staging/``)::
+
+    segments/<dataset>/<file_id>.parquet   typed valid rows of one file, one row group per (chunk, bucket)
+    manifest/<file_id>.json                 the commit record of that segment (written last)
+    partials/b=<NN>/g=<generation>/*.parquet partial aggregates of one bucket, as of a merge generation
+    state/current.json                      which partials are current (written by the merge lock holder only)
+
+A segment is visible to merges only once its manifest exists, and the manifest is written after the segment, so a
+crash between the two leaves an invisible orphan object, never a half-visible file. Committing the same file
+again (a duplicate delivery) is a no-op: the file id is derived from the object's identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import msgspec
+
+from processor.store import Store
+
+
+class Segment(msgspec.Struct, frozen=True, kw_only=True):
+    """The commit record of one staged file."""
+
+    file_id: str
+    dataset: str
+    source: str  # where the file came from (s3 URI or local path)
+    arrival_us: int  # arrival time, microseconds since the epoch: the later version of a key wins
+    rows: int
+    buckets: list[int]  # buckets that hold rows of this file
+    key: str  # staged Parquet, relative to the staging root
+
+
+def file_id_for(source: str, version: str) -> str:
+    """A stable id for one version of one object: readable stem plus a digest of (source, version).
+
+    ``version`` is the S3 ETag (or version id), or size and mtime for a local file: the same object delivered twice
+    gets the same id, a changed object a new one.
+    """
+    stem = Path(source.split("://", 1)[-1]).name.split(".")[0][:40] or "file"
+    digest = hashlib.sha256(f"{source}\0{version}".encode()).hexdigest()[:16]
+    return f"{stem}-{digest}"
+
+
+def segment_key(dataset: str, file_id: str) -> str:
+    return f"segments/{dataset}/{file_id}.parquet"
+
+
+def manifest_key(file_id: str) -> str:
+    return f"manifest/{file_id}.json"
+
+
+def is_committed(store: Store, file_id: str) -> bool:
+    return store.get_bytes(manifest_key(file_id)) is not None
+
+
+def commit(store: Store, local_segment: Path, segment: Segment) -> bool:
+    """Publish a validated segment. Returns False when this exact file was already committed (re-delivery)."""
+    if is_committed(store, segment.file_id):
+        return False
+    store.put_file(local_segment, segment.key)
+    store.put_bytes(manifest_key(segment.file_id), msgspec.json.encode(segment))
+    return True
+
+
+def committed_segments(store: Store) -> list[Segment]:
+    """Every committed segment, in arrival order (ties broken by source and id, so the order is total)."""
+    segments = []
+    for key in store.list_keys("manifest/"):
+        data = store.get_bytes(key)
+        if data is not None:
+            segments.append(msgspec.json.decode(data, type=Segment))
+    return sorted(segments, key=lambda s: (s.arrival_us, s.source, s.file_id))

@@ -1,0 +1,108 @@
+"""The staging area as a small key/file store, on local disk or in S3.
+
+The merge and the tasks see only this interface, so the same code stages into a directory (``shopkpi process``) or
+under ``staging/`` of the landing bucket (the ECS tasks). Objects are immutable once written except the one state
+pointer (``state/current.json``), which only the holder of the merge lock writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from processor.aws.s3 import S3Store
+
+
+class Store(Protocol):
+    def put_file(self, local: Path, key: str) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes | None: ...
+    def local_path(self, key: str) -> Path:
+        """A local file holding the object (the object itself on disk; a cached download from S3)."""
+        ...
+
+    def list_keys(self, prefix: str) -> Iterator[str]: ...
+    def delete(self, key: str) -> None: ...
+
+
+class LocalStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def put_file(self, local: Path, key: str) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(local, tmp)
+        tmp.replace(dest)  # atomic: readers see the old object or the whole new one
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(dest)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        p = self._path(key)
+        return p.read_bytes() if p.exists() else None
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix)
+        folder = base if base.is_dir() else base.parent
+        if not folder.exists():
+            return
+        for p in sorted(folder.rglob("*")):
+            key = p.relative_to(self.root).as_posix()
+            if p.is_file() and key.startswith(prefix) and not key.endswith(".tmp"):
+                yield key
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3StagingStore:
+    """The staging area under ``prefix`` of a bucket; downloads are cached on local disk (immutable objects)."""
+
+    def __init__(self, s3: S3Store, prefix: str, cache_dir: Path) -> None:
+        self.s3 = s3
+        self.prefix = prefix.rstrip("/") + "/"
+        self.cache = cache_dir
+        cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def put_file(self, local: Path, key: str) -> None:
+        self.s3.upload(local, self.prefix + key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.s3.put_bytes(self.prefix + key, data)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        if not self.s3.exists(self.prefix + key):
+            return None
+        return self.s3.get_bytes(self.prefix + key)
+
+    def local_path(self, key: str) -> Path:
+        dest = self.cache / key
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            self.s3.download(self.prefix + key, tmp)
+            tmp.replace(dest)
+        return dest
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        for key in self.s3.list_keys(self.prefix + prefix):
+            yield key[len(self.prefix) :]
+
+    def delete(self, key: str) -> None:
+        self.s3.delete(self.prefix + key)

@@ -1,0 +1,68 @@
+"""Tables for people (rich). Tools use ``--json`` instead."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
+
+console = Console()
+
+
+def print_files(files: Sequence[ValidationResult], merge: MergeResult | None = None) -> None:
+    t = Table(title="Files", title_justify="left")
+    for col in ("file", "dataset", "outcome", "rows", "rejected", "reasons"):
+        t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
+    for f in files:
+        reasons = f.reason or ", ".join(f"{k}={v}" for k, v in f.rejects_by_reason.items())
+        style = "red" if f.outcome == "rejected" else None
+        t.add_row(
+            f.source.rsplit("/", 1)[-1],
+            f.dataset or "?",
+            f.outcome,
+            str(f.rows),
+            str(f.rejected_rows),
+            reasons,
+            style=style,
+        )
+    console.print(t)
+    if merge is not None:
+        waiting = ", ".join(f"{k}={v}" for k, v in {**merge.pending, **merge.late_rejects}.items()) or "none"
+        console.print(
+            f"merge: generation {merge.generation}, {merge.buckets_recomputed} buckets recomputed, "
+            f"{len(merge.dates)} dates changed, conflicts {merge.conflicts}, waiting/late: {waiting}"
+        )
+
+
+def print_kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> None:
+    t = Table(title="Order KPIs per day", title_justify="left")
+    for col in (
+        "order_date",
+        "total_orders",
+        "total_revenue",
+        "total_items_sold",
+        "return_rate %",
+        "customers",
+    ):
+        t.add_column(col, justify="left" if col == "order_date" else "right")
+    for k in daily:
+        t.add_row(
+            k.order_date,
+            f"{k.total_orders:,}",
+            f"{k.total_revenue:,}",
+            f"{k.total_items_sold:,}",
+            str(k.return_rate),
+            f"{k.unique_customers:,}",
+        )
+    console.print(t)
+    c = Table(title="Category KPIs per day", title_justify="left")
+    for col in ("category", "order_date", "daily_revenue", "avg_order_value", "avg_return_rate %"):
+        c.add_column(col, justify="left" if col in ("category", "order_date") else "right")
+    for ck in category:
+        c.add_row(
+            ck.category, ck.order_date, f"{ck.daily_revenue:,}", f"{ck.avg_order_value:,}", str(ck.avg_return_rate)
+        )
+    console.print(c)

@@ -1,0 +1,205 @@
+"""Every row-level and file-level validation rule of SPEC section 2, on small case files."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from processor.errors import FileRejected, Reason
+from processor.ingest import ingest
+from processor.schema import ORDER_ITEMS, ORDERS, PRODUCTS, detect_dataset
+from processor.validate import check_chunk, parse_timestamps
+
+CASES = Path(__file__).parent.parent / "cases" / "validation"
+
+
+def run(path: Path, dataset, tmp_path: Path, share: float = 1.0, chunk_rows: int = 100_000):  # type: ignore[no-untyped-def]
+    return ingest(
+        path,
+        dataset,
+        tmp_path / "work",
+        buckets=4,
+        chunk_rows=chunk_rows,
+        max_invalid_share=share,
+        name=path.name,
+    )
+
+
+def rejects_of(out) -> dict[int, tuple[str, str]]:  # type: ignore[no-untyped-def]
+    df = pl.read_csv(out.rejects, infer_schema=False)
+    return {int(r["_line"]): (r["_reason"], r["_column"]) for r in df.iter_rows(named=True)}
+
+
+def test_each_order_rule_rejects_its_row_with_line_reason_and_column(tmp_path: Path) -> None:
+    out = run(CASES / "orders_rules.csv", ORDERS, tmp_path)
+    assert rejects_of(out) == {
+        3: ("missing_required", "order_id"),
+        4: ("bad_type", "user_id"),
+        5: ("unknown_status", "status"),
+        6: ("bad_quantity", "num_of_item"),
+        7: ("timestamp_order", "shipped_at"),
+        8: ("bad_type", "created_at"),  # February 30th
+        11: ("duplicate_key", "order_id"),  # repeats line 2
+        12: ("missing_required", "num_of_item"),
+    }
+    assert out.rows == 11
+    assert out.valid_rows == 3
+    assert out.rejects_by_reason["duplicate_key"] == 1
+
+
+def test_valid_rows_are_typed_status_lowercased_and_timestamps_in_utc(tmp_path: Path) -> None:
+    out = run(CASES / "orders_rules.csv", ORDERS, tmp_path)
+    staged = pl.read_parquet(out.segment).sort("order_id")
+    assert staged.get_column("order_id").to_list() == [1, 8, 9]
+    assert staged.get_column("status").to_list() == ["complete", "returned", "complete"]
+    created = staged.get_column("created_at").to_list()
+    assert created[1] == datetime(2025, 3, 1, 10, 0, 0, 250000, tzinfo=UTC)  # space separator, fraction
+    assert created[2] == datetime(2025, 3, 2, 4, 30, tzinfo=UTC)  # -05:00 converted: next UTC day
+    assert staged.get_column("returned_at").to_list()[1] == datetime(2025, 3, 4, tzinfo=UTC)  # Z suffix
+    assert staged.get_column("_line").to_list() == [2, 9, 10]
+
+
+def test_money_rules_negative_precision_and_type(tmp_path: Path) -> None:
+    out = run(CASES / "items_money.csv", ORDER_ITEMS, tmp_path)
+    assert rejects_of(out) == {
+        3: ("negative_money", "sale_price"),
+        4: ("money_precision", "sale_price"),
+        6: ("bad_type", "sale_price"),
+        8: ("timestamp_order", "returned_at"),
+    }
+    prices = pl.read_parquet(out.segment).sort("id").get_column("sale_price").to_list()
+    assert [str(p) for p in prices] == ["12.34", "1.50", "7.00"]  # 1.500 has only zeros past 2 decimals
+
+
+def test_rejected_rows_keep_their_raw_values(tmp_path: Path) -> None:
+    out = run(CASES / "items_money.csv", ORDER_ITEMS, tmp_path)
+    df = pl.read_csv(out.rejects, infer_schema=False)
+    assert df.filter(pl.col("_line") == "6").get_column("sale_price").item() == "twelve"
+
+
+def test_duplicate_key_is_found_across_chunks(tmp_path: Path) -> None:
+    out = run(CASES / "orders_rules.csv", ORDERS, tmp_path, chunk_rows=2)
+    assert rejects_of(out)[11] == ("duplicate_key", "order_id")
+    assert out.valid_rows == 3
+
+
+def test_gzip_file_is_read_like_plain_csv(tmp_path: Path) -> None:
+    gz = tmp_path / "orders_rules.csv.gz"
+    with (CASES / "orders_rules.csv").open("rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    out = run(gz, ORDERS, tmp_path)
+    assert out.valid_rows == 3 and out.rows == 11
+
+
+def test_corrupt_gzip_rejects_the_file_as_unreadable(tmp_path: Path) -> None:
+    gz = tmp_path / "orders.csv.gz"
+    gz.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(FileRejected) as e:
+        run(gz, ORDERS, tmp_path)
+    assert e.value.reason is Reason.UNREADABLE
+
+
+def test_missing_required_column_rejects_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileRejected) as e:
+        run(CASES / "orders_missing_user.csv", ORDERS, tmp_path)
+    assert e.value.reason is Reason.MISSING_COLUMN
+    assert "user_id" in e.value.message
+
+
+def test_header_without_rows_rejects_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileRejected) as e:
+        run(CASES / "products_empty.csv", PRODUCTS, tmp_path)
+    assert e.value.reason is Reason.EMPTY_FILE
+
+
+def test_zero_byte_file_is_empty(tmp_path: Path) -> None:
+    p = tmp_path / "products.csv"
+    p.write_bytes(b"")
+    with pytest.raises(FileRejected) as e:
+        run(p, PRODUCTS, tmp_path)
+    assert e.value.reason is Reason.EMPTY_FILE
+
+
+def test_invalid_utf8_rejects_the_file_as_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(FileRejected) as e:
+        run(CASES / "products_bad_utf8.csv", PRODUCTS, tmp_path)
+    assert e.value.reason is Reason.UNREADABLE
+
+
+def test_too_many_invalid_rows_reject_the_file_with_counts(tmp_path: Path) -> None:
+    with pytest.raises(FileRejected) as e:
+        run(CASES / "orders_rules.csv", ORDERS, tmp_path, share=0.05)
+    assert e.value.reason is Reason.TOO_MANY_INVALID
+    assert e.value.context["rows"] == 11
+    assert e.value.context["rejects_by_reason"]["bad_type"] == 2
+
+
+def test_invalid_share_at_the_limit_is_accepted(tmp_path: Path) -> None:
+    out = run(CASES / "orders_rules.csv", ORDERS, tmp_path, share=8 / 11)
+    assert out.valid_rows == 3
+
+
+def test_optional_columns_may_be_absent_and_extra_columns_warn(tmp_path: Path) -> None:
+    out = run(CASES / "orders_minimal.csv", ORDERS, tmp_path)
+    assert out.valid_rows == 1
+    staged = pl.read_parquet(out.segment)
+    assert staged.get_column("returned_at").null_count() == 1
+    extra = run(CASES / "orders_extra_column.csv", ORDERS, tmp_path / "x")
+    assert extra.warnings == ["extra columns ignored: coupon"]
+
+
+def test_column_order_does_not_matter(tmp_path: Path) -> None:
+    p = tmp_path / "orders.csv"
+    p.write_text("num_of_item,created_at,status,user_id,order_id\n2,2025-03-01T00:00:00,SHIPPED,7,42\n")
+    staged = pl.read_parquet(run(p, ORDERS, tmp_path).segment)
+    assert staged.select("order_id", "user_id", "status", "num_of_item").row(0) == (42, 7, "shipped", 2)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("incoming/orders/2025/03/export_part1.csv", "orders"),
+        ("s3://bucket/incoming/order_items/x.csv", "order_items"),
+        ("incoming/order_items_part3.csv", "order_items"),
+        ("/data/orders_part1.csv.gz", "orders"),
+        ("products.csv", "products"),
+        ("incoming/misc/orders.csv", "orders"),
+        ("incoming/customers.csv", None),
+    ],
+)
+def test_dataset_comes_from_the_path_then_the_longest_file_name(path: str, expected: str | None) -> None:
+    found = detect_dataset(path)
+    assert (found.name if found else None) == expected
+
+
+def test_timestamp_fallback_only_changes_rows_the_fast_path_missed() -> None:
+    raw = pl.Series(["2025-03-01T10:00:00", "2025-03-01 10:00:00", "2025-03-01T10:00:00+01:00", "nope", None])
+    parsed = parse_timestamps(raw).to_list()
+    assert parsed[0] == parsed[1] == datetime(2025, 3, 1, 10, tzinfo=UTC)
+    assert parsed[2] == datetime(2025, 3, 1, 9, tzinfo=UTC)
+    assert parsed[3] is None and parsed[4] is None
+
+
+def test_a_row_gets_the_first_reason_in_rule_order() -> None:
+    raw = pl.DataFrame(
+        {
+            "order_id": ["x"],
+            "user_id": [None],
+            "status": ["lost"],
+            "created_at": ["2025-03-01T00:00:00"],
+            "returned_at": [None],
+            "shipped_at": [None],
+            "delivered_at": [None],
+            "num_of_item": ["0"],
+            "_line": [2],
+        },
+        schema_overrides={c: pl.String for c in ("user_id", "returned_at", "shipped_at", "delivered_at")},
+    )
+    valid, rejected = check_chunk(raw, ORDERS)
+    assert valid.is_empty()
+    assert rejected.select("_reason", "_column").row(0) == ("missing_required", "user_id")
