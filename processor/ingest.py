@@ -1,9 +1,9 @@
-"""Stream one local CSV file through validation into a staged segment (the body of the validation task).
+"""Stream one CSV file through validation into a staged segment (the body of the validation task).
 
-The file is never held in memory: polars' streaming engine reads it in chunks of ``settings.chunk_rows`` rows, each
-chunk is validated (:func:`processor.validate.check_chunk`) and its valid rows are appended to one Parquet
-*segment*, one row group per (chunk, bucket), so a later merge reads just one bucket by row-group pruning. Rejected
-rows are appended to a CSV beside it with their line, reason and column.
+The file is never held in memory: :mod:`processor.reader` cuts the byte stream into chunks of about
+``settings.chunk_mb`` megabytes of whole records; each chunk is validated (:func:`processor.validate.check_chunk`)
+and its valid rows are appended to one Parquet *segment*, sorted by bucket within each chunk, so a later merge reads
+some buckets by row-group pruning. Rejected rows are appended to a CSV beside it with their line, reason and column.
 
 The one rule that spans chunks, duplicate primary keys within the file, is exact without holding every key in
 memory: keys are spilled to disk in hash partitions and each partition is checked alone at the end.
@@ -11,16 +11,15 @@ memory: keys are spilled to disk in hash partitions and each partition is checke
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import shutil
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import polars as pl
@@ -28,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from processor.errors import FileRejected, Reason
-from processor.schema import Dataset, is_gzip
+from processor.reader import iter_chunks, read_header
+from processor.schema import BUCKET, Dataset, is_gzip
 from processor.validate import LINE, REASON, as_rejects, check_chunk, check_header, empty_rejects
 
-BUCKET = "_b"
 SAMPLES_PER_REASON = 5
 _SPILL_PARTS = 16
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -117,9 +116,10 @@ class _KeySpill:
             f.close()
         found: list[np.ndarray] = []
         for p in range(_SPILL_PARTS):
-            keys = np.fromfile(self.dir / f"k{p}.bin", dtype=np.int64)
-            if len(keys) < 2 or len(np.unique(keys)) == len(keys):
+            keys = np.sort(np.fromfile(self.dir / f"k{p}.bin", dtype=np.int64))
+            if not (keys[1:] == keys[:-1]).any():
                 continue
+            keys = np.fromfile(self.dir / f"k{p}.bin", dtype=np.int64)
             lines = np.fromfile(self.dir / f"l{p}.bin", dtype=np.int64)
             df = pl.DataFrame({"k": keys, "l": lines}).sort("l")
             found.append(df.filter(~pl.col("k").is_first_distinct()).get_column("l").to_numpy())
@@ -127,51 +127,32 @@ class _KeySpill:
         return np.sort(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
 
 
-def decompress(path: Path, dest: Path) -> Path:
-    """Gunzip to disk in 8 MiB steps (bounded memory); a corrupt stream rejects the file."""
-    try:
-        with gzip.open(path, "rb") as src, dest.open("wb") as out:
-            shutil.copyfileobj(src, out, 8 << 20)
-    except (OSError, EOFError, zlib.error) as e:
-        raise FileRejected(Reason.UNREADABLE, f"cannot decompress gzip: {e}") from e
-    return dest
-
-
-def read_header(path: Path) -> list[str]:
-    with path.open("rb") as f:
-        first = f.readline()
-    if not first.strip():
-        raise FileRejected(Reason.EMPTY_FILE, "the file is empty (no header row)")
-    try:
-        text = first.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise FileRejected(Reason.UNREADABLE, f"header is not UTF-8: {e}", line=1) from e
-    return next(csv.reader(io.StringIO(text)))
+def open_local(path: Path) -> IO[bytes]:
+    """A local file as a byte stream, gunzipped on the fly when its name ends in .gz."""
+    f: IO[bytes] = path.open("rb")
+    return cast(IO[bytes], gzip.GzipFile(fileobj=f, mode="rb")) if is_gzip(path.name) else f
 
 
 def ingest(
-    path: Path,
+    stream: IO[bytes],
     dataset: Dataset,
     work_dir: Path,
     *,
     buckets: int,
-    chunk_rows: int,
+    chunk_bytes: int,
     max_invalid_share: float,
-    name: str | None = None,
 ) -> IngestOutput:
-    """Validate ``path`` (a local CSV, optionally gzip) and stage its valid rows into ``work_dir``.
+    """Validate a CSV byte stream (already decompressed) and stage its valid rows into ``work_dir``.
 
     Raises :class:`FileRejected` for file-level rules; its context carries whatever was counted so far.
     """
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
-    name = name or path.name
     timings: dict[str, float] = {}
-    if is_gzip(name):
-        path = decompress(path, work_dir / "decompressed.csv")
-        timings["decompress"] = time.perf_counter() - started
-
-    header = read_header(path)
+    try:
+        header = read_header(stream)
+    except (OSError, EOFError, zlib.error) as e:
+        raise FileRejected(Reason.UNREADABLE, f"cannot read the file: {e}") from e
     check = check_header(header, dataset)
     if check.duplicated:
         raise FileRejected(Reason.UNREADABLE, f"columns named twice: {', '.join(check.duplicated)}", line=1)
@@ -183,43 +164,30 @@ def ingest(
             missing=list(check.missing),
         )
     warnings = [f"extra columns ignored: {', '.join(check.extra)}"] if check.extra else []
-
     present = [c for c in dataset.names if c not in check.absent_optional]
-    lf = (
-        pl.scan_csv(
-            path,
-            infer_schema=False,
-            row_index_name=LINE,
-            row_index_offset=2,
-            truncate_ragged_lines=True,
-            with_column_names=lambda cols: [c.strip() for c in cols],
-            encoding="utf8",
-        )
-        .select([LINE, *present])
-        .with_columns([pl.lit(None, pl.String).alias(c) for c in check.absent_optional])
-    )
+    absent = [pl.lit(None, pl.String).alias(c) for c in check.absent_optional]
 
     segment = work_dir / "segment.parquet"
     rejects = _RejectSink(work_dir / "rejects.csv", dataset)
-    spill = _KeySpill(work_dir / "keys")
     schema = _arrow_schema(dataset)
     rows = valid_rows = 0
-    bucket_rows: Counter[int] = Counter()
     t0 = time.perf_counter()
+    sink = _SegmentSink(segment, schema, dataset, buckets, work_dir / "keys")
     try:
-        with pq.ParquetWriter(segment, schema, compression="lz4") as writer:
-            for chunk in lf.collect_batches(chunk_size=chunk_rows):
-                valid, rejected = check_chunk(chunk, dataset)
-                rows += chunk.height
-                valid_rows += valid.height
-                rejects.add(rejected)
-                if valid.is_empty():
-                    continue
-                spill.add(valid.get_column(dataset.key).to_numpy(), valid.get_column(LINE).to_numpy())
-                _write_by_bucket(writer, valid.with_columns(bucket_expr(dataset, buckets)), schema, bucket_rows)
-    except pl.exceptions.PolarsError as e:
+        for raw in iter_chunks(stream, header, present, chunk_bytes=chunk_bytes):
+            chunk = raw.with_columns(absent) if absent else raw
+            valid, rejected = check_chunk(chunk, dataset)
+            rows += chunk.height
+            valid_rows += valid.height
+            rejects.add(rejected)
+            if not valid.is_empty():
+                sink.submit(valid)
+        sink.close()
+    except BaseException:
+        sink.close()
         rejects.close()
-        raise FileRejected(Reason.UNREADABLE, f"cannot parse CSV after {rows} rows: {e}", rows=rows) from e
+        raise
+    spill, bucket_rows = sink.spill, sink.bucket_rows
     timings["validate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -260,17 +228,59 @@ def ingest(
     )
 
 
+def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    # Dictionary encoding doubles the write time of this one-pass stage for little gain on these columns; the
+    # bucket column's statistics are what readers prune on.
+    return pq.ParquetWriter(path, schema, compression="lz4", use_dictionary=False, write_statistics=[BUCKET, LINE])
+
+
 def _arrow_schema(dataset: Dataset) -> pa.Schema:
     staged = dataset.staged_schema()
     staged[BUCKET] = pl.Int32()
     return pl.DataFrame(schema=staged).to_arrow().schema
 
 
-def _write_by_bucket(writer: pq.ParquetWriter, valid: pl.DataFrame, schema: pa.Schema, counts: Counter[int]) -> None:
-    # One row group per bucket: min == max of _b in each group's statistics, so readers of one bucket skip the rest.
-    for (b,), part in valid.partition_by(BUCKET, as_dict=True, maintain_order=False).items():
-        counts[int(b)] += part.height  # type: ignore[call-overload]
-        writer.write_table(part.to_arrow().cast(schema), row_group_size=max(part.height, 1))
+class _SegmentSink:
+    """Writes valid chunks to the segment on a background thread, overlapping I/O with the next chunk's checks.
+
+    At most one chunk waits to be written (bounded memory). Each chunk is sorted by bucket and written as a few row
+    groups, so a group's bucket range (its min/max statistics) is narrow and readers of some buckets skip the rest.
+    """
+
+    GROUPS_PER_CHUNK = 8
+
+    def __init__(self, path: Path, schema: pa.Schema, dataset: Dataset, buckets: int, spill_dir: Path) -> None:
+        self.schema = schema
+        self.dataset = dataset
+        self.buckets = buckets
+        self.writer = _writer(path, schema)
+        self.spill = _KeySpill(spill_dir)
+        self.bucket_rows: Counter[int] = Counter()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer")
+        self._pending: Future[None] | None = None
+
+    def submit(self, valid: pl.DataFrame) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self._write, valid)
+
+    def _write(self, valid: pl.DataFrame) -> None:
+        self.spill.add(valid.get_column(self.dataset.key).to_numpy(), valid.get_column(LINE).to_numpy())
+        table = valid.with_columns(bucket_expr(self.dataset, self.buckets)).sort(BUCKET)
+        self.bucket_rows.update(dict(table.get_column(BUCKET).value_counts().iter_rows()))
+        size = max(1, -(-table.height // self.GROUPS_PER_CHUNK))
+        self.writer.write_table(table.to_arrow().cast(self.schema), row_group_size=size)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown()
+            self.writer.close()
 
 
 def _drop_lines(segment: Path, lines: np.ndarray, schema: pa.Schema) -> pl.DataFrame:
@@ -279,7 +289,7 @@ def _drop_lines(segment: Path, lines: np.ndarray, schema: pa.Schema) -> pl.DataF
     drop = pl.Series(lines)
     removed: list[pl.DataFrame] = []
     source = pq.ParquetFile(segment)
-    with pq.ParquetWriter(tmp, schema, compression="lz4") as writer:
+    with _writer(tmp, schema) as writer:
         for i in range(source.num_row_groups):
             group = pl.from_arrow(source.read_row_group(i))
             assert isinstance(group, pl.DataFrame)

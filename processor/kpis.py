@@ -23,19 +23,23 @@ from decimal import Decimal
 import polars as pl
 
 from processor.model import CategoryKpi, OrderKpi
+from processor.schema import BUCKET
 
 ORD = "_ord"  # arrival ordinal of the file a row came from: higher arrived later
 SUM_DTYPE = pl.Decimal(38, 2)
 
 DAILY_SCHEMA: dict[str, pl.DataType] = {
+    BUCKET: pl.Int32(),
     "order_date": pl.Date(),
     "orders": pl.Int64(),
     "returned_orders": pl.Int64(),
     "items": pl.Int64(),
     "revenue": SUM_DTYPE,
 }
-USERS_SCHEMA: dict[str, pl.DataType] = {"order_date": pl.Date(), "user_id": pl.Int64()}
+#: The distinct customers of each (bucket, date), as a sorted list: compact, and compared exactly between merges.
+USERS_SCHEMA: dict[str, pl.DataType] = {BUCKET: pl.Int32(), "order_date": pl.Date(), "users": pl.List(pl.Int64())}
 CATEGORY_SCHEMA: dict[str, pl.DataType] = {
+    BUCKET: pl.Int32(),
     "category": pl.String(),
     "order_date": pl.Date(),
     "orders": pl.Int64(),
@@ -43,114 +47,129 @@ CATEGORY_SCHEMA: dict[str, pl.DataType] = {
     "items": pl.Int64(),
     "revenue": SUM_DTYPE,
 }
-PENDING_SCHEMA: dict[str, pl.DataType] = {"reason": pl.String(), ORD: pl.Int64(), "rows": pl.Int64()}
+PENDING_SCHEMA: dict[str, pl.DataType] = {
+    BUCKET: pl.Int32(),
+    "reason": pl.String(),
+    ORD: pl.Int64(),
+    "rows": pl.Int64(),
+}
+LATE_SCHEMA: dict[str, pl.DataType] = {BUCKET: pl.Int32(), "id": pl.Int64(), "order_id": pl.Int64(), ORD: pl.Int64()}
 
 
 @dataclass
 class Partials:
-    """The partial aggregates of one bucket (or, concatenated, of many)."""
+    """The partial aggregates of one or more buckets, every frame keyed by ``_b``."""
 
     daily: pl.DataFrame  # DAILY_SCHEMA
     users: pl.DataFrame  # USERS_SCHEMA, distinct
     category: pl.DataFrame  # CATEGORY_SCHEMA
     pending: pl.DataFrame  # PENDING_SCHEMA: items waiting, by reason and by the file (ordinal) they came from
-    late_rejects: pl.DataFrame  # items rejected at merge time (user_mismatch), with their key and ordinal
+    late_rejects: pl.DataFrame  # LATE_SCHEMA: items rejected at merge time (user_mismatch)
+
+    SCHEMAS = (DAILY_SCHEMA, USERS_SCHEMA, CATEGORY_SCHEMA, PENDING_SCHEMA, LATE_SCHEMA)
 
     @classmethod
     def empty(cls) -> Partials:
-        return cls(
-            pl.DataFrame(schema=DAILY_SCHEMA),
-            pl.DataFrame(schema=USERS_SCHEMA),
-            pl.DataFrame(schema=CATEGORY_SCHEMA),
-            pl.DataFrame(schema=PENDING_SCHEMA),
-            pl.DataFrame(schema={"id": pl.Int64(), "order_id": pl.Int64(), ORD: pl.Int64()}),
-        )
+        return cls(*(pl.DataFrame(schema=s) for s in cls.SCHEMAS))
+
+    def frames(self) -> tuple[pl.DataFrame, ...]:
+        return (self.daily, self.users, self.category, self.pending, self.late_rejects)
+
+    def bucket(self, b: int) -> Partials:
+        return Partials(*(f.filter(pl.col(BUCKET) == b) for f in self.frames()))
 
 
-def latest_versions(frame: pl.DataFrame, key: str) -> tuple[pl.DataFrame, int]:
-    """Keep, for each ``key``, the row of the latest-arriving file (highest ``_ord``).
+def latest_versions(frame: pl.LazyFrame, key: str, files: int) -> tuple[pl.LazyFrame, pl.LazyFrame | None]:
+    """Keep, for each (bucket, ``key``), the row of the latest-arriving file (highest ``_ord``).
 
-    Returns the deduplicated rows and the number of keys whose versions disagree (conflicts, to be logged).
-    Identical re-deliveries are not conflicts.
+    Returns the deduplicated rows and, when rows came from more than one file, a frame of the keys whose versions
+    disagree (conflicts, to be logged; identical re-deliveries are not conflicts).
     """
-    if frame.is_empty() or frame.get_column(ORD).n_unique() == 1:
-        return frame, 0  # one file: keys are already unique (duplicate keys are rejected at validation)
-    data_cols = [c for c in frame.columns if not c.startswith("_")]
-    distinct = frame.unique(subset=data_cols)
-    conflicts = distinct.filter(pl.col(key).is_duplicated()).get_column(key).n_unique()
-    latest = frame.sort(ORD).unique(subset=[key], keep="last", maintain_order=False)
+    if files <= 1:
+        return frame, None  # one file: keys are already unique (duplicate keys are rejected at validation)
+    data_cols = [c for c in frame.collect_schema().names() if not c.startswith("_")]
+    conflicts = (
+        frame.unique(subset=[BUCKET, *data_cols])
+        .filter(pl.struct(BUCKET, key).is_duplicated())
+        .select(pl.struct(BUCKET, key).n_unique().alias("conflicts"))
+    )
+    latest = frame.sort(ORD).unique(subset=[BUCKET, key], keep="last", maintain_order=False)
     return latest, conflicts
 
 
-def _returned(prefix: str = "") -> pl.Expr:
-    return (pl.col(f"{prefix}status") == "returned") | pl.col(f"{prefix}returned_at").is_not_null()
+def _returned() -> pl.Expr:
+    return (pl.col("status") == "returned") | pl.col("returned_at").is_not_null()
 
 
-def bucket_partials(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFrame) -> Partials:
-    """Reduce one bucket's latest orders and items (and all latest products) to partial aggregates.
+def bucket_partials(orders: pl.LazyFrame, items: pl.LazyFrame, products: pl.DataFrame) -> Partials:
+    """Reduce latest orders and items of some buckets (and all latest products) to partial aggregates.
 
     An item counts only when both its order and its product are known; otherwise it waits (``pending``) and counts
     as soon as a later merge sees the missing row. An item whose user_id differs from its order's is rejected.
+    Distinct orders per (category, date) are counted with ``n_unique`` inside the group rather than by a group-by on
+    (category, date, order): several times faster on tens of millions of items.
     """
     o = orders.select(
+        BUCKET,
         "order_id",
         pl.col("user_id").alias("o_user"),
         pl.col("created_at").dt.date().alias("order_date"),
         _returned().alias("o_returned"),
-    )
-    daily_orders = o.group_by("order_date").agg(
+    ).collect()
+    daily_orders = o.group_by(BUCKET, "order_date").agg(
         pl.len().cast(pl.Int64).alias("orders"),
         pl.col("o_returned").sum().cast(pl.Int64).alias("returned_orders"),
     )
-    users = o.select("order_date", pl.col("o_user").alias("user_id")).unique()
+    users = o.group_by(BUCKET, "order_date").agg(pl.col("o_user").unique().sort().alias("users"))
 
-    it = items.select(
-        "id",
-        "order_id",
-        "user_id",
-        "product_id",
-        pl.col("sale_price").cast(SUM_DTYPE),
-        _returned().alias("i_returned"),
-        ORD,
-    ).join(o, on="order_id", how="left")
+    # Categories as small integers while grouping; names come back at the end.
+    names = products.select(pl.col("category").unique().sort()).with_row_index("cat")
+    product_cat = products.join(names, on="category").select(pl.col("id").alias("product_id"), "cat")
+    it = (
+        items.select(
+            BUCKET,
+            "id",
+            "order_id",
+            "user_id",
+            "product_id",
+            pl.col("sale_price").cast(SUM_DTYPE),
+            _returned().alias("i_returned"),
+            ORD,
+        )
+        .join(o.lazy().drop(BUCKET), on="order_id", how="left")
+        .join(product_cat.lazy(), on="product_id", how="left")
+        .collect(engine="streaming")
+    )
     no_order = pl.col("o_user").is_null()
     mismatch = ~no_order & (pl.col("user_id") != pl.col("o_user"))
-    late_rejects = it.filter(mismatch).select("id", "order_id", ORD)
-    it = it.filter(~mismatch).join(
-        products.select(pl.col("id").alias("product_id"), "category"), on="product_id", how="left"
-    )
-    reason = pl.when(no_order).then(pl.lit("order")).when(pl.col("category").is_null()).then(pl.lit("product"))
-    it = it.with_columns(reason.alias("_wait"))
-    pending = (
-        it.filter(pl.col("_wait").is_not_null())
-        .group_by(pl.col("_wait").alias("reason"), ORD)
-        .agg(pl.len().cast(pl.Int64).alias("rows"))
-    )
-    counted = it.filter(pl.col("_wait").is_null())
+    late_rejects = it.filter(mismatch).select(list(LATE_SCHEMA))
+    wait = pl.when(no_order).then(pl.lit("order")).when(pl.col("cat").is_null()).then(pl.lit("product"))
+    it = it.filter(~mismatch).with_columns(wait.alias("reason"))
+    pending = it.filter(pl.col("reason").is_not_null()).group_by(BUCKET, "reason", ORD).agg(pl.len().alias("rows"))
+    counted = it.filter(pl.col("reason").is_null())
 
-    daily_items = counted.group_by("order_date").agg(
+    daily_items = counted.group_by(BUCKET, "order_date").agg(
         pl.len().cast(pl.Int64).alias("items"), pl.col("sale_price").sum().alias("revenue")
     )
-    daily = (
-        daily_orders.join(daily_items, on="order_date", how="left")
-        .with_columns(pl.col("items").fill_null(0), pl.col("revenue").fill_null(Decimal(0)).cast(SUM_DTYPE))
-        .select(list(DAILY_SCHEMA))
+    daily = daily_orders.join(daily_items, on=[BUCKET, "order_date"], how="left").with_columns(
+        pl.col("items").fill_null(0), pl.col("revenue").fill_null(Decimal(0)).cast(SUM_DTYPE)
     )
-    per_order = counted.group_by("category", "order_date", "order_id").agg(
-        pl.len().alias("n"), pl.col("sale_price").sum().alias("rev"), pl.col("i_returned").any().alias("ret")
+    category = (
+        counted.group_by(BUCKET, "cat", "order_date")
+        .agg(
+            pl.col("order_id").n_unique().alias("orders"),
+            pl.col("order_id").filter(pl.col("i_returned")).n_unique().alias("returned_orders"),
+            pl.len().alias("items"),
+            pl.col("sale_price").sum().alias("revenue"),
+        )
+        .join(names, on="cat")
     )
-    category = per_order.group_by("category", "order_date").agg(
-        pl.len().cast(pl.Int64).alias("orders"),
-        pl.col("ret").sum().cast(pl.Int64).alias("returned_orders"),
-        pl.col("n").sum().cast(pl.Int64).alias("items"),
-        pl.col("rev").sum().cast(SUM_DTYPE).alias("revenue"),
-    )
+    frames = (daily, users, category, pending, late_rejects)
     return Partials(
-        daily=daily.cast(DAILY_SCHEMA),  # type: ignore[arg-type]
-        users=users.cast(USERS_SCHEMA),  # type: ignore[arg-type]
-        category=category.select(list(CATEGORY_SCHEMA)).cast(CATEGORY_SCHEMA),  # type: ignore[arg-type]
-        pending=pending.cast(PENDING_SCHEMA),  # type: ignore[arg-type]
-        late_rejects=late_rejects,
+        *(
+            f.select(list(schema)).cast(schema)  # type: ignore[arg-type]
+            for f, schema in zip(frames, Partials.SCHEMAS, strict=True)
+        )
     )
 
 
@@ -168,7 +187,7 @@ def combine(
         daily.group_by("order_date")
         .agg(pl.col("orders", "returned_orders", "items").sum(), pl.col("revenue").sum())
         .join(
-            users.group_by("order_date").agg(pl.col("user_id").n_unique().alias("customers")),
+            users.explode("users").group_by("order_date").agg(pl.col("users").n_unique().alias("customers")),
             on="order_date",
             how="left",
         )

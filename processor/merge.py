@@ -29,11 +29,10 @@ from pathlib import Path
 import msgspec
 import polars as pl
 
-from processor.ingest import BUCKET
 from processor.kpis import ORD, Partials, bucket_partials, combine, latest_versions
 from processor.log import get_logger
 from processor.model import CategoryKpi, MergeResult, OrderKpi
-from processor.schema import ORDER_ITEMS, ORDERS, PRODUCTS, Dataset
+from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS, Dataset
 from processor.stage import Segment, committed_segments
 from processor.store import Store
 
@@ -43,12 +42,14 @@ STATE_KEY = "state/current.json"
 PARTS = ("daily", "users", "category", "pending", "late")
 #: Upper bound of (date, customer) pairs combined at once; bounds memory of the distinct-customer union.
 USERS_PER_PASS = 4_000_000
+#: Staged rows (orders + items) recomputed in one pass; bounds the merge's memory.
+ROWS_PER_PASS = 6_000_000
 
 Publisher = Callable[[list[OrderKpi], list[CategoryKpi], int], int]
 
 
 class BucketRef(msgspec.Struct, kw_only=True):
-    prefix: str  # partials/b=NN/g=G
+    prefix: str  # partials/g=G/p=N: the partials of the pass that computed this bucket (shared by its buckets)
     fingerprint: str  # digest of the segment ids the partials were computed from
 
 
@@ -65,6 +66,7 @@ class _Run:
     ordinals: dict[str, int]
     arrivals: dict[int, int] = field(default_factory=dict)  # ordinal -> arrival_us
     conflicts: int = 0
+    pending_conflicts: list[pl.LazyFrame] = field(default_factory=list)  # collected with the partials
 
 
 def load_state(store: Store) -> MergeState:
@@ -81,25 +83,22 @@ def merge(
     publish: Publisher | None = None,
     force_dates: tuple[str, str] | None = None,
     orphan_grace_s: float = 86400.0,
+    rows_per_pass: int = ROWS_PER_PASS,
     now: datetime | None = None,
 ) -> tuple[MergeResult, list[OrderKpi], list[CategoryKpi]]:
     """Bring the KPIs up to date with every committed segment. See the module docstring.
 
     ``publish(daily, category, generation)`` stores the recomputed KPIs (DynamoDB in the tasks; None locally) and
     returns how many items it wrote. ``force_dates=(from, to)`` recomputes and republishes that inclusive range even
-    if nothing changed (reprocessing). Returns the result summary and the KPIs that were recomputed.
+    if nothing changed (reprocessing). Dirty buckets are recomputed in passes of about ``rows_per_pass`` staged rows,
+    which bounds memory. Returns the result summary and the KPIs that were recomputed.
     """
     started = time.perf_counter()
     segments = committed_segments(store)
     state = load_state(store)
-    if generation <= state.generation:
-        generation = state.generation + 1
-    run = _Run(
-        store=store,
-        scratch=scratch,
-        generation=generation,
-        ordinals={s.file_id: i + 1 for i, s in enumerate(segments)},
-    )
+    generation = max(generation, state.generation + 1)
+    run = _Run(store=store, scratch=scratch, generation=generation, ordinals={})
+    run.ordinals = {s.file_id: i + 1 for i, s in enumerate(segments)}
     run.arrivals = {run.ordinals[s.file_id]: s.arrival_us for s in segments}
     scratch.mkdir(parents=True, exist_ok=True)
 
@@ -123,31 +122,35 @@ def merge(
     changed_dates: set[date] = set()
     new_refs: dict[str, BucketRef] = {}
     if dirty:
-        products, run.conflicts = _latest(run, products_segs, PRODUCTS, None)
         log.info("merge.start", dirty_buckets=len(dirty), segments=len(segments), generation=generation)
-        for b, fp in sorted(dirty.items()):
-            orders, c1 = _latest(run, [s for s in by_bucket[b] if s.dataset == ORDERS.name], ORDERS, b)
-            items, c2 = _latest(run, [s for s in by_bucket[b] if s.dataset == ORDER_ITEMS.name], ORDER_ITEMS, b)
-            run.conflicts += c1 + c2
-            partials = bucket_partials(orders, items, products)
-            old = _read_partials(store, state.buckets.get(str(b)))
-            changed_dates |= _changed_dates(old, partials)
-            new_refs[str(b)] = BucketRef(prefix=_write_partials(run, b, partials), fingerprint=fp)
+        products = _latest(run, products_segs, PRODUCTS, None).collect()
+        run.conflicts += _collect_conflicts(run)
+        for group in _passes(dirty, by_bucket, rows_per_pass):
+            in_pass = list({s.file_id: s for b in group for s in by_bucket[b]}.values())
+            orders = _latest(run, [s for s in in_pass if s.dataset == ORDERS.name], ORDERS, group)
+            items = _latest(run, [s for s in in_pass if s.dataset == ORDER_ITEMS.name], ORDER_ITEMS, group)
+            new = bucket_partials(orders, items, products)
+            run.conflicts += _collect_conflicts(run)
+            old = _read_partials(store, {str(b): state.buckets[str(b)] for b in group if str(b) in state.buckets})
+            changed_dates |= _changed_dates(old, new)
+            prefix = _write_partials(run, len(new_refs), new)
+            for b in group:
+                new_refs[str(b)] = BucketRef(prefix=prefix, fingerprint=dirty[b])
 
     refs = {**state.buckets, **new_refs}
     dates = {d.isoformat() for d in changed_dates}
     if force_dates is not None:
         dates |= _forced_dates(store, refs, *force_dates)
     daily, category = combine_dates(store, refs, sorted(dates))
-    written = publish(daily, category, generation) if publish and (daily or category or dates) else 0
+    written = publish(daily, category, generation) if publish and dates else 0
 
     pending, orphans, late = _waiting(run, store, refs, orphan_grace_s, now or datetime.now(UTC))
     if new_refs:
         store.put_bytes(STATE_KEY, msgspec.json.encode(MergeState(generation=generation, buckets=refs)))
-        for bkey in new_refs:
-            if (old_ref := state.buckets.get(bkey)) is not None:
-                for part in PARTS:
-                    store.delete(f"{old_ref.prefix}/{part}.parquet")
+        live = {r.prefix for r in refs.values()}
+        for prefix in {r.prefix for r in state.buckets.values()} - live:
+            for part in PARTS:
+                store.delete(f"{prefix}/{part}.parquet")
     result = MergeResult(
         generation=generation,
         segments=len(segments),
@@ -170,39 +173,80 @@ def merge(
     return result, daily, category
 
 
-def _latest(run: _Run, segs: Sequence[Segment], dataset: Dataset, bucket: int | None) -> tuple[pl.DataFrame, int]:
-    """All rows of ``segs`` (of one bucket, or all) tagged with their file's ordinal, latest version per key."""
+def _passes(dirty: dict[int, str], by_bucket: dict[int, list[Segment]], rows_per_pass: int) -> list[list[int]]:
+    """Group dirty buckets so each pass reads about ``rows_per_pass`` staged rows (estimated from the manifests)."""
+    groups: list[list[int]] = [[]]
+    load = 0
+    for b in sorted(dirty):
+        rows = sum(s.rows // max(len(s.buckets), 1) for s in by_bucket[b])
+        if groups[-1] and load + rows > rows_per_pass:
+            groups.append([])
+            load = 0
+        groups[-1].append(b)
+        load += rows
+    return groups
+
+
+def _latest(run: _Run, segs: Sequence[Segment], dataset: Dataset, group: list[int] | None) -> pl.LazyFrame:
+    """Rows of ``segs`` (of the buckets in ``group``, or all) tagged with their file's ordinal, latest per key."""
     frames = []
     for s in segs:
         lf = pl.scan_parquet(run.store.local_path(s.key))
-        if bucket is not None:
-            lf = lf.filter(pl.col(BUCKET) == bucket)
+        if group is not None:
+            lf = lf.filter(pl.col(BUCKET).is_in(group))
         frames.append(lf.with_columns(pl.lit(run.ordinals[s.file_id], pl.Int64).alias(ORD)))
     if not frames:
         schema = dataset.staged_schema() | {BUCKET: pl.Int32(), ORD: pl.Int64()}
-        return pl.DataFrame(schema=schema), 0
-    return latest_versions(pl.concat(frames).collect(), dataset.key)
+        return pl.LazyFrame(schema=schema)
+    latest, conflicts = latest_versions(pl.concat(frames), dataset.key, len(frames))
+    if conflicts is not None:
+        run.pending_conflicts.append(conflicts)
+    return latest
 
 
-def _write_partials(run: _Run, bucket: int, p: Partials) -> str:
-    prefix = f"partials/b={bucket:04d}/g={run.generation}"
-    for part, frame in zip(PARTS, (p.daily, p.users, p.category, p.pending, p.late_rejects), strict=True):
-        local = run.scratch / f"{bucket}-{part}.parquet"
-        frame.write_parquet(local, compression="zstd", statistics=True)
+def _collect_conflicts(run: _Run) -> int:
+    found = sum(int(f.item()) for f in pl.collect_all(run.pending_conflicts)) if run.pending_conflicts else 0
+    run.pending_conflicts = []
+    return found
+
+
+def _write_partials(run: _Run, first_bucket: int, p: Partials) -> str:
+    """One file per part for a whole pass (several buckets, keyed by ``_b``): few objects, however many buckets."""
+    prefix = f"partials/g={run.generation}/p={first_bucket:05d}"
+    for part, frame in zip(PARTS, p.frames(), strict=True):
+        local = run.scratch / f"{part}.parquet"
+        frame.sort(BUCKET).write_parquet(local, compression="zstd", statistics=True)
         run.store.put_file(local, f"{prefix}/{part}.parquet")
         local.unlink()
     return prefix
 
 
-def _read_partials(store: Store, ref: BucketRef | None) -> Partials:
-    if ref is None:
+def _by_prefix(refs: dict[str, BucketRef]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for b, r in refs.items():
+        out.setdefault(r.prefix, []).append(int(b))
+    return out
+
+
+def scan_part(store: Store, refs: dict[str, BucketRef], part: str) -> pl.LazyFrame:
+    """One part of the partials of the buckets in ``refs`` (a file may also hold other, superseded buckets)."""
+    frames = [
+        pl.scan_parquet(store.local_path(f"{prefix}/{part}.parquet")).filter(pl.col(BUCKET).is_in(bs))
+        for prefix, bs in _by_prefix(refs).items()
+    ]
+    return pl.concat(frames) if frames else pl.LazyFrame()
+
+
+def _read_partials(store: Store, refs: dict[str, BucketRef]) -> Partials:
+    if not refs:
         return Partials.empty()
-    frames = [pl.read_parquet(store.local_path(f"{ref.prefix}/{part}.parquet")) for part in PARTS]
-    return Partials(*frames)
+    return Partials(*(scan_part(store, refs, part).collect() for part in PARTS))
 
 
 def _changed_dates(old: Partials, new: Partials) -> set[date]:
     """Dates on which the two partials differ (rows present on one side only)."""
+    if old.daily.is_empty() and old.category.is_empty():
+        return set(new.daily.get_column("order_date").to_list())  # first computation: every date is new
     out: set[date] = set()
     for a, b in ((old.daily, new.daily), (old.users, new.users), (old.category, new.category)):
         both = pl.concat([a, b], how="vertical_relaxed")
@@ -211,18 +255,13 @@ def _changed_dates(old: Partials, new: Partials) -> set[date]:
     return out
 
 
-def _scan(store: Store, refs: dict[str, BucketRef], part: str) -> pl.LazyFrame:
-    paths = [store.local_path(f"{r.prefix}/{part}.parquet") for r in refs.values()]
-    return pl.scan_parquet(paths) if paths else pl.LazyFrame()
-
-
 def _forced_dates(store: Store, refs: dict[str, BucketRef], date_from: str, date_to: str) -> set[str]:
     """Dates of the inclusive range that have data (reprocessing republishes exactly these)."""
     if not refs:
         return set()
     lo, hi = date.fromisoformat(date_from), date.fromisoformat(date_to)
     found = (
-        _scan(store, refs, "daily")
+        scan_part(store, refs, "daily")
         .filter(pl.col("order_date").is_between(lo, hi))
         .select(pl.col("order_date").unique())
         .collect()
@@ -238,7 +277,7 @@ def combine_dates(
     if not dates or not refs:
         return [], []
     sizes = dict(
-        _scan(store, refs, "daily")
+        scan_part(store, refs, "daily")
         .filter(pl.col("order_date").is_in([date.fromisoformat(d) for d in dates]))
         .group_by("order_date")
         .agg(pl.col("orders").sum())
@@ -257,7 +296,9 @@ def combine_dates(
     daily: list[OrderKpi] = []
     category: list[CategoryKpi] = []
     for g in groups:
-        dk, ck = combine(_scan(store, refs, "daily"), _scan(store, refs, "users"), _scan(store, refs, "category"), g)
+        dk, ck = combine(
+            scan_part(store, refs, "daily"), scan_part(store, refs, "users"), scan_part(store, refs, "category"), g
+        )
         daily += dk
         category += ck
     return daily, category
@@ -272,11 +313,11 @@ def _waiting(
     if not refs:
         return pending, orphans, {}
     cutoff_us = int(now.timestamp() * 1_000_000 - grace_s * 1_000_000)
-    rows = _scan(store, refs, "pending").group_by("reason", ORD).agg(pl.col("rows").sum()).collect()
+    rows = scan_part(store, refs, "pending").group_by("reason", ORD).agg(pl.col("rows").sum()).collect()
     for reason, ordinal, n in rows.iter_rows():
         pending[f"waiting_{reason}"] = pending.get(f"waiting_{reason}", 0) + n
         if run.arrivals.get(ordinal, cutoff_us + 1) <= cutoff_us:
             code = f"orphan_{reason}"
             orphans[code] = orphans.get(code, 0) + n
-    late_n = _scan(store, refs, "late").select(pl.len()).collect().item()
+    late_n = scan_part(store, refs, "late").select(pl.len()).collect().item()
     return pending, orphans, ({"user_mismatch": int(late_n)} if late_n else {})

@@ -12,15 +12,15 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 import polars as pl
 
 from processor.errors import FileRejected, Reason
-from processor.ingest import IngestOutput, ingest
+from processor.ingest import IngestOutput, ingest, open_local
 from processor.log import context, get_logger
-from processor.merge import combine_dates, load_state, merge
+from processor.merge import combine_dates, load_state, merge, scan_part
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 from processor.schema import detect_dataset
 from processor.settings import Settings
@@ -41,7 +41,17 @@ class Validated:
 def validate_file(
     path: Path, *, source: str, file_id: str, arrival: datetime, settings: Settings, work_dir: Path
 ) -> Validated:
-    """Validate one local file (its name, or ``source``, names the dataset). Never raises for bad data."""
+    """Validate one local file (``source`` names the dataset). Never raises for bad data."""
+    with open_local(path) as stream:
+        return validate_stream(
+            stream, source=source, file_id=file_id, arrival=arrival, settings=settings, work_dir=work_dir
+        )
+
+
+def validate_stream(
+    stream: IO[bytes], *, source: str, file_id: str, arrival: datetime, settings: Settings, work_dir: Path
+) -> Validated:
+    """Validate one file given as a (decompressed) byte stream; ``source`` names the dataset."""
     started = time.perf_counter()
     dataset = detect_dataset(source)
     base: dict[str, Any] = {
@@ -59,13 +69,12 @@ def validate_file(
                     "(products*, orders*, order_items*)",
                 )
             out = ingest(
-                path,
+                stream,
                 dataset,
                 work_dir,
                 buckets=settings.buckets,
-                chunk_rows=settings.chunk_rows,
+                chunk_bytes=settings.chunk_mb << 20,
                 max_invalid_share=settings.max_invalid_share,
-                name=source,
             )
         except FileRejected as e:
             ctx = {k: v for k, v in e.context.items() if k != "reason"}
@@ -178,6 +187,7 @@ def process_local(paths: list[Path], staging: Path, settings: Settings) -> Local
                 generation=load_state(store).generation + 1,
                 scratch=work / "merge",
                 orphan_grace_s=settings.orphan_grace_s,
+                rows_per_pass=settings.merge_rows,
             )
         daily, category = all_kpis(store)
     finally:
@@ -198,6 +208,6 @@ def all_kpis(store: Store) -> tuple[list[OrderKpi], list[CategoryKpi]]:
     state = load_state(store)
     if not state.buckets:
         return [], []
-    paths = [store.local_path(f"{r.prefix}/daily.parquet") for r in state.buckets.values()]
-    dates = pl.scan_parquet(paths).select(pl.col("order_date").unique().sort()).collect().get_column("order_date")
+    daily = scan_part(store, state.buckets, "daily")
+    dates = daily.select(pl.col("order_date").unique().sort()).collect().get_column("order_date")
     return combine_dates(store, state.buckets, [d.isoformat() for d in dates.to_list()])

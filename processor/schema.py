@@ -18,6 +18,8 @@ class Kind(StrEnum):
     STATUS = "status"  # one of STATUSES, case-insensitive, staged lowercase
 
 
+#: Staging bucket column: ``route mod buckets``. Orders and their items share a bucket (both routed by order_id).
+BUCKET = "_b"
 MONEY_DTYPE = pl.Decimal(18, 2)
 TS_DTYPE = pl.Datetime("us", "UTC")
 STATUSES = ("processing", "shipped", "delivered", "complete", "returned", "cancelled")

@@ -61,9 +61,11 @@ class Settings:
     #: How long an item may wait for its order or product before it is reported as an orphan ("24h").
     orphan_grace_s: float = field(default=86400.0, metadata={"env": "SHOPKPI_ORPHAN_GRACE"})
     #: Hash buckets of the staging area (orders and items by order_id). Fixed once data is staged.
-    buckets: int = field(default=64, metadata={"env": "SHOPKPI_BUCKETS"})
-    #: Rows per streamed chunk while validating; bounds the memory of the validation pass.
-    chunk_rows: int = field(default=500_000, metadata={"env": "SHOPKPI_CHUNK_ROWS"})
+    buckets: int = field(default=32, metadata={"env": "SHOPKPI_BUCKETS"})
+    #: Megabytes of CSV per streamed chunk while validating; bounds the memory of the validation pass.
+    chunk_mb: int = field(default=16, metadata={"env": "SHOPKPI_CHUNK_MB"})
+    #: Staged rows (orders + items) the merge recomputes in one pass; bounds the merge's memory.
+    merge_rows: int = field(default=2_000_000, metadata={"env": "SHOPKPI_MERGE_ROWS"})
     #: Local scratch directory (ECS ephemeral storage); large inputs are streamed to it, never held in memory.
     work_dir: Path = field(default=Path(tempfile.gettempdir()) / "shopkpi", metadata={"env": "SHOPKPI_WORK_DIR"})
     #: Parallel DynamoDB batch writers.
@@ -97,8 +99,8 @@ class Settings:
     def check(self) -> None:
         if self.buckets < 1 or self.buckets > 4096:
             raise ConfigError(f"SHOPKPI_BUCKETS must be 1..4096, got {self.buckets}")
-        if self.chunk_rows < 1:
-            raise ConfigError(f"SHOPKPI_CHUNK_ROWS must be positive, got {self.chunk_rows}")
+        if self.chunk_mb < 1 or self.merge_rows < 1:
+            raise ConfigError("SHOPKPI_CHUNK_MB and SHOPKPI_MERGE_ROWS must be positive")
         if self.writer_threads < 1:
             raise ConfigError(f"SHOPKPI_WRITER_THREADS must be positive, got {self.writer_threads}")
 
@@ -114,7 +116,7 @@ def _convert(name: str, raw: str) -> Any:
             return parse_share(raw)
         if name in ("orphan_grace_s", "lock_ttl_s"):
             return parse_duration(raw)
-        if name in ("buckets", "chunk_rows", "writer_threads"):
+        if name in ("buckets", "chunk_mb", "merge_rows", "writer_threads"):
             return int(raw)
         if name == "work_dir":
             return Path(raw)

@@ -62,6 +62,13 @@ def commit(store: Store, local_segment: Path, segment: Segment) -> bool:
     if is_committed(store, segment.file_id):
         return False
     store.put_file(local_segment, segment.key)
+    return commit_manifest(store, segment)
+
+
+def commit_manifest(store: Store, segment: Segment) -> bool:
+    """Commit a segment whose data is already in the store: the manifest is the commit point."""
+    if is_committed(store, segment.file_id):
+        return False
     store.put_bytes(manifest_key(segment.file_id), msgspec.json.encode(segment))
     return True
 

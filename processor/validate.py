@@ -74,13 +74,17 @@ def _money_precision_ok(raw: pl.Series) -> pl.Series:
     frac = raw.str.len_bytes().cast(pl.Int64) - dot.cast(pl.Int64) - 1
     long = (frac > 2).fill_null(False)
     if not long.any():
-        return pl.Series(raw.name, [True] * len(raw), pl.Boolean) if len(raw) else long
+        return ~long
     return ~long | raw.str.contains(r"\.\d{2}0+$").fill_null(False)
+
+
+def _nulls(name: str, n: int) -> pl.Series:
+    return pl.Series(name, dtype=pl.String).extend_constant(None, n)
 
 
 def _first(conditions: list[tuple[pl.Series, str]], n: int) -> pl.Series:
     """For each row, the label of the first condition that holds (null when none)."""
-    out = pl.Series(COLUMN, [None] * n, pl.String)
+    out = _nulls(COLUMN, n)
     for cond, label in reversed(conditions):
         out = pl.select(pl.when(cond).then(pl.lit(label)).otherwise(out)).to_series()
     return out
@@ -141,8 +145,8 @@ def check_chunk(raw: pl.DataFrame, dataset: Dataset) -> tuple[pl.DataFrame, pl.D
         (Reason.BAD_QUANTITY, quantity),
         (Reason.TIMESTAMP_ORDER, ts_order),
     ]
-    reason = pl.Series(REASON, [None] * n, pl.String)
-    column = pl.Series(COLUMN, [None] * n, pl.String)
+    reason = _nulls(REASON, n)
+    column = _nulls(COLUMN, n)
     for code, conds in reversed(rules):
         if not conds:
             continue

@@ -11,26 +11,19 @@ import polars as pl
 import pytest
 
 from processor.errors import FileRejected, Reason
-from processor.ingest import ingest
-from processor.schema import ORDER_ITEMS, ORDERS, PRODUCTS, detect_dataset
+from processor.ingest import IngestOutput, ingest, open_local
+from processor.schema import ORDER_ITEMS, ORDERS, PRODUCTS, Dataset, detect_dataset
 from processor.validate import check_chunk, parse_timestamps
 
 CASES = Path(__file__).parent.parent / "cases" / "validation"
 
 
-def run(path: Path, dataset, tmp_path: Path, share: float = 1.0, chunk_rows: int = 100_000):  # type: ignore[no-untyped-def]
-    return ingest(
-        path,
-        dataset,
-        tmp_path / "work",
-        buckets=4,
-        chunk_rows=chunk_rows,
-        max_invalid_share=share,
-        name=path.name,
-    )
+def run(path: Path, dataset: Dataset, tmp_path: Path, share: float = 1.0, chunk_bytes: int = 1 << 20) -> IngestOutput:
+    with open_local(path) as stream:
+        return ingest(stream, dataset, tmp_path / "work", buckets=4, chunk_bytes=chunk_bytes, max_invalid_share=share)
 
 
-def rejects_of(out) -> dict[int, tuple[str, str]]:  # type: ignore[no-untyped-def]
+def rejects_of(out: IngestOutput) -> dict[int, tuple[str, str]]:
     df = pl.read_csv(out.rejects, infer_schema=False)
     return {int(r["_line"]): (r["_reason"], r["_column"]) for r in df.iter_rows(named=True)}
 
@@ -83,7 +76,7 @@ def test_rejected_rows_keep_their_raw_values(tmp_path: Path) -> None:
 
 
 def test_duplicate_key_is_found_across_chunks(tmp_path: Path) -> None:
-    out = run(CASES / "orders_rules.csv", ORDERS, tmp_path, chunk_rows=2)
+    out = run(CASES / "orders_rules.csv", ORDERS, tmp_path, chunk_bytes=100)  # a few rows per chunk
     assert rejects_of(out)[11] == ("duplicate_key", "order_id")
     assert out.valid_rows == 3
 

@@ -1,0 +1,375 @@
+"""The ECS task entry points (``shopkpi-task``): what runs inside the container, one command per workflow step.
+
+=============  ===================================================================================================
+``validate``   stream one landed file from S3 (or a local path), validate it, upload its staged segment, report and
+               rejected rows; record the outcome. Result: ``accepted`` or ``rejected`` (both exit 0: a bad file is
+               an expected outcome, not a task failure).
+``transform``  commit an accepted file's segment into the staging area (it becomes visible to merges) and move the
+               original to ``archive/``.
+``quarantine`` move a rejected file's original to ``rejected/`` beside its report and rejected rows.
+``merge``      under the merge lock: recompute the partial aggregates of every bucket that changed, derive the KPIs
+               of the dates that changed (or of ``--from``/``--to``), publish them to DynamoDB.
+=============  ===================================================================================================
+
+Each command prints its result as one JSON line on stdout (``{"event": "task.result", ...}``) and, when the
+``SHOPKPI_TASK_TOKEN`` environment variable holds a Step Functions task token, reports it with SendTaskSuccess or
+SendTaskFailure (error = the project's error code). Exit codes: 0 done, 1 retryable error, 2 terminal error.
+
+S3 layout of the landing bucket::
+
+    incoming/<dataset>/...            landing (the trigger watches this prefix)
+    archive/<dataset>/<date>/<name>   originals of accepted files, by arrival date
+    rejected/<dataset>/<date>/<name>  originals of rejected files, with <name>.report.json and .rejected_rows.csv
+    reports/<file_id>/report.json     every file's report; rejected_rows.csv beside it
+    staging/                          typed, deduplicated staging area (see processor.stage)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, cast
+
+import msgspec
+import orjson
+
+from processor.errors import ConfigError, NotFound, ShopKpiError
+from processor.ingest import open_local
+from processor.log import configure, context, get_logger
+from processor.merge import load_state, merge
+from processor.model import CategoryKpi, OrderKpi
+from processor.pipeline import Validated, segment_for, validate_stream
+from processor.schema import detect_dataset, is_gzip
+from processor.settings import Settings
+from processor.stage import Segment, commit_manifest, file_id_for, is_committed
+from processor.store import LocalStore, S3StagingStore, Store
+
+log = get_logger("task")
+
+
+class _ChunkStream(io.RawIOBase):
+    """A readable byte stream over an iterator of chunks (an S3 response body), for the streaming CSV reader."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return 0
+            self._buf = nxt
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+class Env:
+    """What a task needs from AWS, built once from the settings (clients are created here, never at import)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from processor.aws import make_clients
+        from processor.aws.s3 import S3Store
+
+        if not settings.bucket:
+            raise ConfigError("SHOPKPI_BUCKET is not set (the task definition passes it from the stack)")
+        self.settings = settings
+        self.clients = make_clients(settings)
+        self.s3 = S3Store(self.clients.s3, settings.bucket)
+        self.staging: Store = S3StagingStore(self.s3, "staging", settings.work_dir / "staging-cache")
+
+    def ledger(self) -> Any:
+        from processor.aws.dynamo import Ledger
+
+        if not self.settings.ledger_table:
+            return None
+        return Ledger(self.clients.dynamodb, self.settings.ledger_table)
+
+    def kpi_tables(self) -> Any:
+        from processor.aws.dynamo import KpiTables
+
+        if not (self.settings.order_table and self.settings.category_table):
+            return None
+        return KpiTables(
+            self.clients.dynamodb,
+            self.settings.order_table,
+            self.settings.category_table,
+            threads=self.settings.writer_threads,
+        )
+
+
+def _s3_key(source: str, env: Env) -> str:
+    from processor.aws.s3 import split_uri
+
+    bucket, key = split_uri(source)
+    if bucket != env.s3.bucket:
+        raise ConfigError(f"{source} is not in the landing bucket {env.s3.bucket}")
+    return key
+
+
+@contextmanager
+def _open_source(source: str, env: Env | None) -> Iterator[IO[bytes]]:
+    if env is None:
+        with open_local(Path(source)) as f:
+            yield f
+        return
+    import gzip
+
+    raw: IO[bytes] = io.BufferedReader(_ChunkStream(env.s3.iter_chunks(_s3_key(source, env))), 8 << 20)
+    stream: IO[bytes] = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")) if is_gzip(source) else raw
+    try:
+        yield stream
+    finally:
+        stream.close()
+
+
+def _identity(source: str, env: Env | None) -> tuple[str, datetime]:
+    """(file id, arrival time) of a source: S3 ETag and LastModified, or a local file's size/mtime and now."""
+    if env is None:
+        stat = Path(source).stat()
+        return file_id_for(str(Path(source).resolve()), f"{stat.st_size}:{stat.st_mtime_ns}"), datetime.now(UTC)
+    info = env.s3.head(_s3_key(source, env))
+    return file_id_for(source, info.etag), info.last_modified
+
+
+def _report_prefix(file_id: str) -> str:
+    return f"reports/{file_id}"
+
+
+# --- validate ------------------------------------------------------------------------------------------------
+def validate(source: str, settings: Settings, env: Env | None, local_staging: Path | None) -> dict[str, Any]:
+    try:
+        file_id, arrival = _identity(source, env)
+    except NotFound:
+        # A repeated event for an object an earlier run already archived or quarantined: nothing left to do.
+        log.info("file.gone", source=source)
+        return {"source": source, "outcome": "skipped", "duplicate": True, "message": "source no longer exists"}
+    staging = env.staging if env else LocalStore(local_staging or Path("shopkpi-staging"))
+    if is_committed(staging, file_id):
+        log.info("file.duplicate", file_id=file_id)
+        return {"file_id": file_id, "source": source, "outcome": "accepted", "duplicate": True}
+    with tempfile.TemporaryDirectory(dir=_work(settings)) as tmp:
+        # Streamed straight from S3 (gunzipped on the fly): the file never lands on disk, only its staged segment.
+        with _open_source(source, env) as stream:
+            v = validate_stream(
+                stream, source=source, file_id=file_id, arrival=arrival, settings=settings, work_dir=Path(tmp)
+            )
+        return _keep_validation(v, arrival, staging, env, settings.execution_id)
+
+
+def _keep_validation(
+    v: Validated, arrival: datetime, staging: Store, env: Env | None, execution: str
+) -> dict[str, Any]:
+    """Upload the segment (not yet committed), the report and the rejected rows; record the outcome."""
+    fid = v.result.file_id
+    report = dict(v.report)
+    if v.output is not None:
+        seg = segment_for(v, arrival)
+        staging.put_file(v.output.segment, seg.key)
+        report["segment"] = msgspec.structs.asdict(seg)
+    if env is not None:
+        prefix = _report_prefix(fid)
+        if v.rejects_csv is not None and v.rejects_csv.exists():
+            env.s3.upload(v.rejects_csv, f"{prefix}/rejected_rows.csv", content_type="text/csv")
+            report["rejects"] = env.s3.uri(f"{prefix}/rejected_rows.csv")
+        report["report"] = env.s3.uri(f"{prefix}/report.json")
+        env.s3.put_bytes(f"{prefix}/report.json", orjson.dumps(report), content_type="application/json")
+        if (ledger := env.ledger()) is not None:
+            ledger.record_file(v.result, execution)
+    else:
+        staging.put_bytes(f"{_report_prefix(fid)}/report.json", orjson.dumps(report))
+        if v.rejects_csv is not None and v.rejects_csv.exists():
+            staging.put_file(v.rejects_csv, f"{_report_prefix(fid)}/rejected_rows.csv")
+    return {k: report[k] for k in report if k not in ("samples",)}
+
+
+# --- transform / quarantine ----------------------------------------------------------------------------------
+def _load_report(file_id: str, staging: Store, env: Env | None) -> dict[str, Any]:
+    key = f"{_report_prefix(file_id)}/report.json"
+    data = env.s3.get_bytes(key) if env else staging.get_bytes(key)
+    if data is None:
+        raise ConfigError(f"no validation report for {file_id}: run validate first")
+    report: dict[str, Any] = orjson.loads(data)
+    return report
+
+
+def _dated_key(area: str, source: str, arrival: str) -> str:
+    dataset = detect_dataset(source)
+    name = PurePosixPath(source.split("://", 1)[-1]).name
+    return f"{area}/{dataset.name if dataset else 'unknown'}/{arrival[:10]}/{name}"
+
+
+def transform(file_id: str, settings: Settings, env: Env | None, local_staging: Path | None) -> dict[str, Any]:
+    staging = env.staging if env else LocalStore(local_staging or Path("shopkpi-staging"))
+    report = _load_report(file_id, staging, env)
+    if report.get("outcome") != "accepted" or "segment" not in report:
+        raise ConfigError(f"{file_id} was not accepted by validation; nothing to transform")
+    seg = msgspec.convert(report["segment"], type=Segment)
+    fresh = commit_manifest(staging, seg)
+    archived = None
+    if env is not None and seg.source.startswith("s3://"):
+        src_key = _s3_key(seg.source, env)
+        if env.s3.exists(src_key) or not fresh:
+            archived = _dated_key("archive", seg.source, report["arrival"])
+            env.s3.move(src_key, archived)
+    return {"file_id": file_id, "committed": fresh, "archived": archived, "buckets": len(seg.buckets)}
+
+
+def quarantine(file_id: str, settings: Settings, env: Env | None) -> dict[str, Any]:
+    if env is None:
+        return {"file_id": file_id, "quarantined": None}  # local files stay where they are; the report says why
+    report = _load_report(file_id, env.staging, env)
+    source = report["source"]
+    dest = _dated_key("rejected", source, report["arrival"])
+    env.s3.move(_s3_key(source, env), dest)
+    env.s3.put_bytes(dest + ".report.json", orjson.dumps(report), content_type="application/json")
+    rows_key = f"{_report_prefix(file_id)}/rejected_rows.csv"
+    if env.s3.exists(rows_key):
+        env.s3.copy(rows_key, dest + ".rejected_rows.csv")
+    return {"file_id": file_id, "quarantined": env.s3.uri(dest), "reason": report.get("reason")}
+
+
+# --- merge ---------------------------------------------------------------------------------------------------
+def run_merge(
+    settings: Settings, env: Env | None, local_staging: Path | None, force: tuple[str, str] | None
+) -> dict[str, Any]:
+    if env is None:
+        store: Store = LocalStore(local_staging or Path("shopkpi-staging"))
+        result, daily, category = merge(
+            store,
+            buckets=settings.buckets,
+            generation=load_state(store).generation + 1,
+            scratch=_work(settings) / "merge",
+            force_dates=force,
+            orphan_grace_s=settings.orphan_grace_s,
+            rows_per_pass=settings.merge_rows,
+        )
+        return {**msgspec.structs.asdict(result), "kpis": _kpis(daily, category)}
+    ledger, tables = env.ledger(), env.kpi_tables()
+    if ledger is None or tables is None:
+        raise ConfigError("SHOPKPI_LEDGER_TABLE, SHOPKPI_ORDER_TABLE and SHOPKPI_CATEGORY_TABLE must be set")
+    owner = f"{settings.execution_id}/{uuid.uuid4().hex[:8]}"
+    generation = ledger.acquire_lock(owner, settings.lock_ttl_s)
+    started = datetime.now(UTC).isoformat()
+    try:
+        computed_at = datetime.now(UTC).isoformat()
+
+        def publish(daily: list[OrderKpi], category: list[CategoryKpi], gen: int) -> int:
+            ledger.check_lock(owner, generation)
+            stats = tables.publish(
+                daily,
+                category,
+                gen,
+                computed_at,
+                settings.execution_id,
+                fence=lambda: ledger.check_lock(owner, generation),
+            )
+            return int(stats.written)
+
+        with context(stage="merge"):
+            result, _, _ = merge(
+                env.staging,
+                buckets=settings.buckets,
+                generation=generation,
+                scratch=_work(settings) / "merge",
+                publish=publish,
+                force_dates=force,
+                orphan_grace_s=settings.orphan_grace_s,
+                rows_per_pass=settings.merge_rows,
+            )
+            ledger.check_lock(owner, generation)  # the state pointer moved under our lease
+        summary = msgspec.structs.asdict(result)
+        ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
+        return summary
+    finally:
+        ledger.release_lock(owner, generation)
+
+
+def _kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> dict[str, Any]:
+    return {"daily": [k.public() for k in daily], "category": [k.public() for k in category]}
+
+
+def _work(settings: Settings) -> Path:
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    return settings.work_dir
+
+
+# --- command line --------------------------------------------------------------------------------------------
+def _report_result(result: dict[str, Any] | None, error: ShopKpiError | None, env: Env | None) -> None:
+    token = os.environ.get("SHOPKPI_TASK_TOKEN")
+    body = {
+        "event": "task.result",
+        "ok": error is None,
+        **(result or {}),
+        **({"error": error.to_dict()} if error else {}),
+    }
+    sys.stdout.buffer.write(orjson.dumps(body, default=str) + b"\n")
+    sys.stdout.flush()
+    if token and env is not None:
+        sfn = env.clients.stepfunctions
+        if error is None:
+            sfn.send_task_success(taskToken=token, output=orjson.dumps(result, default=str).decode())
+        else:
+            sfn.send_task_failure(taskToken=token, error=error.code, cause=error.message[:32000])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shopkpi-task", description="shopkpi ECS task entry points")
+    p.add_argument("--staging", help="local staging directory, for local sources (default ./shopkpi-staging)")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="validate one file (s3:// URI or local path)")
+    v.add_argument("source")
+    t = sub.add_parser("transform", help="commit an accepted file's staged segment and archive the original")
+    t.add_argument("file_id")
+    q = sub.add_parser("quarantine", help="move a rejected file to rejected/ with its report")
+    q.add_argument("file_id")
+    m = sub.add_parser("merge", help="recompute and publish the KPIs of the dates that changed")
+    m.add_argument("--from", dest="date_from", help="also recompute this date range (reprocessing)")
+    m.add_argument("--to", dest="date_to")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.load()
+    configure(settings.log_level)
+    local = Path(args.staging) if args.staging else None
+    env: Env | None = None
+    result: dict[str, Any] | None = None
+    with context(execution=settings.execution_id, stage=args.command, file=getattr(args, "source", None)):
+        try:
+            remote = args.command in ("merge", "transform", "quarantine") and local is None
+            if getattr(args, "source", "").startswith("s3://") or remote:
+                env = Env(settings)
+            commands: dict[str, Callable[[], dict[str, Any]]] = {
+                "validate": lambda: validate(args.source, settings, env, local),
+                "transform": lambda: transform(args.file_id, settings, env, local),
+                "quarantine": lambda: quarantine(args.file_id, settings, env),
+                "merge": lambda: run_merge(
+                    settings, env, local, (args.date_from, args.date_to) if args.date_from else None
+                ),
+            }
+            result = commands[args.command]()
+        except ShopKpiError as e:
+            log.error("task.failed", code=e.code, message=e.message)
+            _report_result(None, e, env)
+            return 1 if e.retryable else 2
+    _report_result(result, None, env)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

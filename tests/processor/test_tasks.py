@@ -1,0 +1,152 @@
+"""The ECS task entry points end to end against moto: S3 in, DynamoDB out, the same code path as on AWS."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import boto3
+import pytest
+
+from processor.aws import make_clients
+from processor.aws.dynamo import KpiTables, Ledger, create_tables
+from processor.settings import Settings
+from processor.tasks import main
+from tests.processor.conftest import WriteCsv, item, order, product
+
+BUCKET = "landing"
+
+
+@pytest.fixture
+def stack(aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    names = create_tables(boto3.client("dynamodb"), "t")
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    env = {
+        "SHOPKPI_BUCKET": BUCKET,
+        "SHOPKPI_ORDER_TABLE": names.order,
+        "SHOPKPI_CATEGORY_TABLE": names.category,
+        "SHOPKPI_LEDGER_TABLE": names.ledger,
+        "SHOPKPI_BUCKETS": "4",
+        "SHOPKPI_WORK_DIR": str(tmp_path / "work"),
+        "SHOPKPI_EXECUTION_ID": "exec-1",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    yield Settings.load()
+
+
+def land(path: Path, key: str) -> str:
+    boto3.client("s3").upload_file(str(path), BUCKET, key)
+    return f"s3://{BUCKET}/{key}"
+
+
+def task(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, object]]:
+    code = main(list(argv))
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    return code, next(x for x in reversed(lines) if x.get("event") == "task.result")
+
+
+def keys(prefix: str) -> list[str]:
+    got = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for o in got.get("Contents", []))
+
+
+def test_files_flow_from_s3_to_dynamodb_and_originals_are_archived(
+    stack: Settings, write_csv: WriteCsv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sources = [
+        land(write_csv("products.csv", [product(1, "Books")]), "incoming/products/products.csv"),
+        land(write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]), "incoming/orders/o1.csv"),
+        land(
+            write_csv("order_items.csv", [item(1, 10, 100, 1, "4.00"), item(2, 10, 100, 1, "6.50")]),
+            "incoming/order_items/i1.csv",
+        ),
+    ]
+    for src in sources:
+        code, result = task(capsys, "validate", src)
+        assert code == 0 and result["outcome"] == "accepted"
+        code, done = task(capsys, "transform", str(result["file_id"]))
+        assert code == 0 and done["committed"] is True
+    code, merged = task(capsys, "merge")
+    assert code == 0 and merged["dates"] == ["2025-03-01"] and merged["published"] == 2
+
+    assert keys("incoming/") == []
+    assert keys("archive/orders/") and keys("archive/order_items/") and keys("archive/products/")
+    clients = make_clients(stack)
+    assert stack.order_table and stack.category_table and stack.ledger_table
+    tables = KpiTables(clients.dynamodb, stack.order_table, stack.category_table)
+    [day] = tables.daily("2025-03-01", "2025-03-01")
+    assert (day.total_orders, day.total_revenue, day.unique_customers) == (1, Decimal("10.50"), 1)
+    [books] = tables.category("Books", "2025-03-01", "2025-03-31")
+    assert books.avg_order_value == Decimal("10.50")
+    ledger = Ledger(clients.dynamodb, stack.ledger_table)
+    assert {f["outcome"] for f in ledger.files()} == {"accepted"} and len(ledger.files()) == 3
+    assert ledger.runs()[0]["execution_id"] == "exec-1"
+
+
+def test_rejected_file_is_quarantined_with_its_report(
+    stack: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "orders.csv"
+    bad.write_text("order_id,status,created_at,num_of_item\n1,complete,2025-03-01T00:00:00,1\n")
+    src = land(bad, "incoming/orders/bad.csv")
+    code, result = task(capsys, "validate", src)
+    assert code == 0 and result["outcome"] == "rejected" and result["reason"] == "missing_column"
+    code, _ = task(capsys, "quarantine", str(result["file_id"]))
+    assert code == 0
+    assert keys("rejected/orders/") == [
+        k for k in keys("rejected/orders/") if k.endswith(("bad.csv", "bad.csv.report.json"))
+    ]
+    report = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=keys("rejected/")[-1])["Body"].read())
+    assert report["reason"] == "missing_column" and "user_id" in report["message"]
+    assert keys("incoming/") == []
+
+
+def test_gzip_object_is_streamed_and_bad_rows_are_kept_with_reasons(
+    stack: Settings, write_csv: WriteCsv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [order(i, 100, "2025-03-01T08:00:00") for i in range(1, 60)]
+    rows.append(order(60, 100, "2025-03-01T08:00:00", status="lost"))
+    plain = write_csv("orders.csv", rows)
+    gz = tmp_path / "orders.csv.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    code, result = task(capsys, "validate", land(gz, "incoming/orders/part.csv.gz"))
+    assert code == 0 and result["outcome"] == "accepted" and result["rejects_by_reason"] == {"unknown_status": 1}
+    fid = result["file_id"]
+    body = boto3.client("s3").get_object(Bucket=BUCKET, Key=f"reports/{fid}/rejected_rows.csv")["Body"].read()
+    assert b"unknown_status" in body and b",lost," in body
+
+
+def test_same_object_delivered_twice_is_staged_once(
+    stack: Settings, write_csv: WriteCsv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = land(write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]), "incoming/orders/o.csv")
+    _, first = task(capsys, "validate", src)
+    task(capsys, "validate", src)  # the second event for the same object, before the first is committed
+    _, committed = task(capsys, "transform", str(first["file_id"]))
+    _, again = task(capsys, "validate", src)  # ... and after it was archived
+    assert committed["committed"] is True
+    assert again["outcome"] == "skipped" and again["duplicate"] is True
+    assert len(keys("staging/manifest/")) == 1
+
+
+def test_merge_lock_held_by_another_run_is_a_retryable_failure(
+    stack: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert stack.ledger_table
+    Ledger(make_clients(stack).dynamodb, stack.ledger_table).acquire_lock("other-run", 600)
+    code, result = task(capsys, "merge")
+    assert code == 1 and result["error"]["code"] == "ShopKpi.LockBusy"  # type: ignore[index]
+
+
+def test_local_paths_work_without_aws(write_csv: WriteCsv, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    staging = str(tmp_path / "st")
+    p = write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")])
+    code, result = task(capsys, "--staging", staging, "validate", str(p))
+    assert code == 0 and result["outcome"] == "accepted"
+    assert task(capsys, "--staging", staging, "transform", str(result["file_id"]))[0] == 0
+    code, merged = task(capsys, "--staging", staging, "merge")
+    assert merged["kpis"]["daily"][0]["total_orders"] == 1  # type: ignore[index]
