@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from processor.errors import FileRejected, Reason
 from processor.reader import iter_chunks, read_header
-from processor.schema import BUCKET, Dataset, is_gzip
+from processor.schema import BUCKET, Dataset, Kind, is_gzip
 from processor.validate import LINE, REASON, as_rejects, check_chunk, check_header, empty_rejects
 
 SAMPLES_PER_REASON = 5
@@ -174,7 +174,8 @@ def ingest(
     t0 = time.perf_counter()
     sink = _SegmentSink(segment, schema, dataset, buckets, work_dir / "keys")
     try:
-        for raw in iter_chunks(stream, header, present, chunk_bytes=chunk_bytes):
+        ints = frozenset(c.name for c in dataset.columns if c.kind is Kind.INT and c.name in present)
+        for raw in iter_chunks(stream, header, present, chunk_bytes=chunk_bytes, ints=ints):
             chunk = raw.with_columns(absent) if absent else raw
             valid, rejected = check_chunk(chunk, dataset)
             rows += chunk.height

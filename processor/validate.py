@@ -1,6 +1,7 @@
 """Row-level validation (SPEC section 2), as pure functions over polars frames.
 
-Input is a chunk of raw rows exactly as read from the CSV (every column a string, empty strings already null) plus
+Input is a chunk of raw rows as read from the CSV (text columns, or Int64 where the reader could type a whole
+chunk's integers; empty strings already null) plus
 ``_line``, the 1-based line of the row in its file. Output is the valid rows with their staged types and the rejected
 rows with their raw values, reason code and the column at fault. Nothing here knows about files, S3 or chunks:
 :mod:`processor.ingest` streams chunks through :func:`check_chunk` and keeps the cross-chunk state (duplicate keys).
@@ -111,7 +112,7 @@ def check_chunk(raw: pl.DataFrame, dataset: Dataset) -> tuple[pl.DataFrame, pl.D
         if col.required:
             missing.append((~present, col.name))
         if col.kind is Kind.INT:
-            t = s.cast(pl.Int64, strict=False)
+            t = s if s.dtype == pl.Int64 else s.cast(pl.Int64, strict=False)  # the reader may have typed it
         elif col.kind is Kind.MONEY:
             t = s.cast(MONEY_DTYPE, strict=False)
             money_neg.append(((t < 0).fill_null(False), col.name))

@@ -1,0 +1,176 @@
+"""Load test: ``shopkpi process`` against a bare polars parse and a one-shot DuckDB query, on generated data.
+
+    python -m perf.compare --size-gb 2            (just loadtest 2)
+
+Generates (or reuses) a data set of about SIZE GB of CSV under ``data/loadtest-<size>``, then runs, each in its own
+process so that peak memory is that process's alone (``os.wait4`` returns the child's own ``ru_maxrss``):
+
+1. ``bare``: ``pl.scan_csv(path).collect()`` for each file -- the floor: parsing alone, nothing validated or kept;
+2. ``shopkpi``: ``shopkpi process DIR --json`` -- validation, staged Parquet, exact KPIs;
+3. ``duckdb``: one SQL query computing the same KPIs over the same files (no validation, no staging).
+
+It prints wall time, peak RSS and throughput for each, the ratios the performance goals are stated in, and checks
+that DuckDB's KPIs equal ours (an independent cross-check on data far too large for the brute-force reference).
+A benchmark, not a test: no assertion on time; the numbers go to stdout and, with ``--out``, to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+BARE = """
+import sys, polars as pl
+for path in sys.argv[1:]:
+    pl.scan_csv(path).collect()
+"""
+
+DUCKDB = """
+import json, sys, duckdb
+d = sys.argv[1]
+con = duckdb.connect()
+con.execute("SET threads TO 2")
+con.execute("SET enable_progress_bar = false")
+q = f'''
+WITH orders AS (SELECT * FROM read_csv('{d}/orders_*.csv', header=true, auto_detect=true)),
+items AS (SELECT * FROM read_csv('{d}/order_items_*.csv', header=true, auto_detect=true,
+                                 types={{'sale_price': 'DECIMAL(18,2)'}})),
+products AS (SELECT * FROM read_csv('{d}/products.csv', header=true, auto_detect=true)),
+o AS (SELECT order_id, user_id, CAST(created_at AS DATE) AS d,
+             (lower(status) = 'returned' OR returned_at IS NOT NULL) AS ret FROM orders),
+j AS (SELECT i.order_id, i.sale_price, p.category, o.d,
+             (lower(i.status) = 'returned' OR i.returned_at IS NOT NULL) AS iret
+      FROM items i JOIN o USING (order_id) JOIN products p ON p.id = i.product_id WHERE i.user_id = o.user_id),
+daily AS (SELECT d, count(*) AS orders, sum(ret::INT) AS returned, count(DISTINCT user_id) AS customers
+          FROM o GROUP BY d),
+di AS (SELECT d, count(*) AS items, sum(sale_price) AS revenue FROM j GROUP BY d),
+cat AS (SELECT category, d, count(DISTINCT order_id) AS orders,
+               count(DISTINCT CASE WHEN iret THEN order_id END) AS returned, sum(sale_price) AS revenue
+        FROM j GROUP BY category, d)
+SELECT 'daily', NULL, daily.d::VARCHAR, orders, returned, coalesce(items, 0), coalesce(revenue, 0)::VARCHAR, customers
+FROM daily LEFT JOIN di USING (d)
+UNION ALL
+SELECT 'category', category, d::VARCHAR, orders, returned, NULL, revenue::VARCHAR, NULL FROM cat
+'''
+rows = con.execute(q).fetchall()
+print(json.dumps(rows))
+"""
+
+
+def measure(argv: list[str], stdout: Path | None = None) -> dict[str, Any]:
+    """Run ``argv``; wall seconds and the child's own peak RSS (MiB)."""
+    started = time.perf_counter()
+    out = stdout.open("wb") if stdout else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if stdout:
+        out.close()  # type: ignore[union-attr]
+    if os.waitstatus_to_exitcode(status) not in (0, 3):  # 3: some file rejected, still a completed run
+        raise SystemExit(f"{argv[:3]} failed with status {status}")
+    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+
+
+def ensure_data(size_gb: float, root: Path) -> Path:
+    folder = root / f"loadtest-{size_gb:g}gb"
+    if not (folder / "products.csv").exists():
+        console.print(f"generating about {size_gb:g} GB into {folder} ...")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loadgen.generate",
+                str(folder),
+                "--size-gb",
+                str(size_gb),
+                "--days",
+                "30",
+                "--seed",
+                "1",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return folder
+
+
+def _ours(path: Path) -> dict[tuple[str, ...], tuple[Any, ...]]:
+    data = json.loads(path.read_text())
+    out: dict[tuple[str, ...], tuple[Any, ...]] = {}
+    for r in data["daily"]:
+        out[("daily", r["order_date"])] = (Decimal(str(r["total_revenue"])), r["total_orders"], r["unique_customers"])
+    for r in data["category"]:
+        out[("category", r["category"], r["order_date"])] = (Decimal(str(r["daily_revenue"])),)
+    return out
+
+
+def _theirs(path: Path) -> dict[tuple[str, ...], tuple[Any, ...]]:
+    out: dict[tuple[str, ...], tuple[Any, ...]] = {}
+    for kind, category, d, orders, _returned, _items, revenue, customers in json.loads(path.read_text()):
+        if kind == "daily":
+            out[("daily", d)] = (Decimal(revenue), orders, customers)
+        else:
+            out[("category", category, d)] = (Decimal(revenue),)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="perf.compare", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--size-gb", type=float, default=2.0)
+    p.add_argument("--data-root", type=Path, default=Path("data"))
+    p.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    p.add_argument("--skip-duckdb", action="store_true")
+    args = p.parse_args(argv)
+
+    folder = ensure_data(args.size_gb, args.data_root)
+    files = sorted(str(f) for f in folder.glob("*.csv"))
+    size = sum(Path(f).stat().st_size for f in files)
+    scratch = args.data_root / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"data": str(folder), "bytes": size}
+
+    console.print(f"{len(files)} files, {size / 1e9:.2f} GB")
+    results["bare"] = measure([sys.executable, "-c", BARE, *files])
+    staging = scratch / "staging"
+    subprocess.run(["rm", "-rf", str(staging)], check=True)
+    ours_json = scratch / "shopkpi.json"
+    results["shopkpi"] = measure(
+        [sys.executable, "-m", "shopkpi.cli", "process", str(folder), "--staging", str(staging), "--json"], ours_json
+    )
+    if not args.skip_duckdb:
+        duck_json = scratch / "duckdb.json"
+        results["duckdb"] = measure([sys.executable, "-c", DUCKDB, str(folder)], duck_json)
+        results["duckdb_agrees"] = _ours(ours_json) == _theirs(duck_json)
+
+    t = Table(title=f"{size / 1e9:.2f} GB of CSV")
+    for col in ("run", "seconds", "MB/s", "peak RSS MiB", "x bare parse"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    for name in ("bare", "shopkpi", "duckdb"):
+        if name in results:
+            r = results[name]
+            ratio = r["seconds"] / results["bare"]["seconds"]
+            t.add_row(
+                name, str(r["seconds"]), f"{size / 1e6 / r['seconds']:.0f}", str(r["peak_rss_mib"]), f"{ratio:.2f}"
+            )
+    console.print(t)
+    if "duckdb_agrees" in results:
+        console.print(f"DuckDB's KPIs equal shopkpi's: {results['duckdb_agrees']}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
