@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processor.pipeline import process_local
-from processor.settings import Settings
 from processor.schema import DATASETS
+from processor.settings import Settings
 from tests.reference import reference_kpis
 
 CATEGORIES = ["Books", "Toys", "Garden"]
@@ -88,8 +88,16 @@ def plans(draw: st.DrawFn) -> Plan:
     # docs/processing.md on re-parented items.
     revisions: list[tuple[str, dict[str, Any]]] = []
     for row in draw(st.lists(st.sampled_from(orders), max_size=3, unique_by=lambda r: r["order_id"])):
-        revisions.append(("orders", {**row, "status": draw(st.sampled_from(STATUSES)), "created_at": _ts(
-            draw(st.integers(1, 3)), draw(st.integers(0, 1439)), "")}))
+        revisions.append(
+            (
+                "orders",
+                {
+                    **row,
+                    "status": draw(st.sampled_from(STATUSES)),
+                    "created_at": _ts(draw(st.integers(1, 3)), draw(st.integers(0, 1439)), ""),
+                },
+            )
+        )
     if items:
         for row in draw(st.lists(st.sampled_from(items), max_size=3, unique_by=lambda r: r["id"])):
             revisions.append(("order_items", {**row, "sale_price": "1.25", "status": "returned"}))
