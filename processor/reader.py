@@ -85,7 +85,7 @@ def _parse(block: bytes, header: list[str], wanted: list[str], ints: frozenset[s
     """
     options: dict[str, object] = {
         "has_header": False,
-        "truncate_ragged_lines": True,
+        "truncate_ragged_lines": False,  # a row with extra fields is malformed: the file is unreadable
         "encoding": "utf8",
         "raise_if_empty": False,
     }

@@ -115,6 +115,10 @@ def check_chunk(raw: pl.DataFrame, dataset: Dataset) -> tuple[pl.DataFrame, pl.D
             t = s if s.dtype == pl.Int64 else s.cast(pl.Int64, strict=False)  # the reader may have typed it
         elif col.kind is Kind.MONEY:
             t = s.cast(MONEY_DTYPE, strict=False)
+            # The cast accepts exponent notation (1e3); the contract's decimals are plain digits.
+            t = pl.select(
+                pl.when(s.str.contains("e", literal=True) | s.str.contains("E", literal=True)).then(None).otherwise(t)
+            ).to_series()
             money_neg.append(((t < 0).fill_null(False), col.name))
             money_prec.append((present & ~_money_precision_ok(s), col.name))
         elif col.kind is Kind.TS:
