@@ -125,6 +125,12 @@ class ConfigError(TerminalError):
     code = "ShopKpi.ConfigError"
 
 
+class InternalError(TerminalError):
+    """An unexpected exception (a bug): reported at once instead of leaving the workflow to time out."""
+
+    code = "ShopKpi.Internal"
+
+
 class AwsError(TerminalError):
     """An AWS error that is neither transient nor one of the specific cases above."""
 
@@ -134,4 +140,4 @@ class AwsError(TerminalError):
 #: Codes the state machine retries (with the States/ECS errors it adds itself).
 RETRYABLE_CODES = tuple(c.code for c in (Throttled, ServiceUnavailable, LockBusy, StaleWriter))
 #: Codes that go straight to the failure path.
-TERMINAL_CODES = tuple(c.code for c in (FileRejected, NotFound, AccessDenied, ConfigError, AwsError))
+TERMINAL_CODES = tuple(c.code for c in (FileRejected, NotFound, AccessDenied, ConfigError, AwsError, InternalError))

@@ -72,6 +72,8 @@ class Settings:
     writer_threads: int = field(default=4, metadata={"env": "SHOPKPI_WRITER_THREADS"})
     #: Lease of the merge lock, in seconds ("15m"); a merge that outlives it loses the right to publish.
     lock_ttl_s: float = field(default=900.0, metadata={"env": "SHOPKPI_LOCK_TTL"})
+    #: Seconds between Step Functions task heartbeats (must be well under the state's HeartbeatSeconds).
+    heartbeat_s: float = field(default=30.0, metadata={"env": "SHOPKPI_HEARTBEAT"})
     #: Execution id put on every log line (the Step Functions execution name or ARN).
     execution_id: str = field(default="local", metadata={"env": "SHOPKPI_EXECUTION_ID"})
     #: Log level of the JSON logs.
@@ -114,7 +116,7 @@ def _convert(name: str, raw: str) -> Any:
     try:
         if name == "max_invalid_share":
             return parse_share(raw)
-        if name in ("orphan_grace_s", "lock_ttl_s"):
+        if name in ("orphan_grace_s", "lock_ttl_s", "heartbeat_s"):
             return parse_duration(raw)
         if name in ("buckets", "chunk_mb", "merge_rows", "writer_threads"):
             return int(raw)

@@ -31,6 +31,7 @@ import io
 import os
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ from typing import IO, Any, cast
 import msgspec
 import orjson
 
-from processor.errors import ConfigError, NotFound, ShopKpiError
+from processor.errors import ConfigError, InternalError, NotFound, ShopKpiError
 from processor.ingest import open_local
 from processor.log import configure, context, get_logger
 from processor.merge import load_state, merge
@@ -342,6 +343,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextmanager
+def _heartbeat(env: Env | None, settings: Settings) -> Iterator[None]:
+    """While the task works, tell Step Functions it is alive (the state's HeartbeatSeconds catches a dead one)."""
+    token = os.environ.get("SHOPKPI_TASK_TOKEN")
+    if not token or env is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(settings.heartbeat_s):
+            try:
+                env.clients.stepfunctions.send_task_heartbeat(taskToken=token)
+            except Exception as e:  # a missed beat is not fatal; the next one may pass
+                log.warning("task.heartbeat_failed", error=str(e))
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.load()
@@ -362,11 +387,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     settings, env, local, (args.date_from, args.date_to) if args.date_from else None
                 ),
             }
-            result = commands[args.command]()
+            with _heartbeat(env, settings):
+                result = commands[args.command]()
         except ShopKpiError as e:
             log.error("task.failed", code=e.code, message=e.message)
             _report_result(None, e, env)
             return 1 if e.retryable else 2
+        except Exception as e:  # a bug: report it (terminal) rather than leave the state waiting for a heartbeat
+            log.error("task.crashed", exc_info=True, error=repr(e))
+            _report_result(None, InternalError(f"{type(e).__name__}: {e}"), env)
+            return 2
     _report_result(result, None, env)
     return 0
 

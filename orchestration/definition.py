@@ -1,0 +1,72 @@
+"""The state machine definition: one ASL file, rendered for CloudFormation and for the embedded stack alike.
+
+``statemachine.asl.json`` is valid JSON in which deploy-time values are ``"${Name}"`` placeholders:
+
+* **numbers** (``MaxConcurrency``, timeouts, heartbeat, retry interval) must become JSON numbers, which
+  CloudFormation's ``DefinitionSubstitutions`` cannot do (it substitutes text inside strings), so :func:`render`
+  replaces them before the template is deployed;
+* **names and ARNs** (cluster, task definition, subnets, topic, queue) are left for CloudFormation's
+  ``DefinitionSubstitutions``, which resolves them from the stack's own resources. Nothing account-specific is
+  written in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+NUMBERS: dict[str, int] = {
+    "MaxConcurrency": 10,  # files validated in parallel per execution
+    "ValidateTimeoutSeconds": 3600,  # a multi-GB file streams in minutes; an hour means it hangs
+    "StepTimeoutSeconds": 900,  # transform / quarantine: a commit and a move
+    "MergeTimeoutSeconds": 3600,
+    "HeartbeatSeconds": 120,  # tasks beat every 30 s; a dead container is noticed within two minutes
+    "RetryIntervalSeconds": 5,
+}
+STRINGS = (
+    "ClusterArn",
+    "TaskDefinition",
+    "SubnetA",
+    "SubnetB",
+    "SecurityGroup",
+    "AssignPublicIp",
+    "AlertTopicArn",
+    "DeadLetterQueueUrl",
+)
+_PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+
+
+def source() -> str:
+    return resources.files("orchestration").joinpath("statemachine.asl.json").read_text()
+
+
+def render(numbers: Mapping[str, int] | None = None) -> str:
+    """The definition with numeric placeholders replaced; string placeholders are kept for CloudFormation."""
+    values = {**NUMBERS, **(numbers or {})}
+    text = source()
+    for name, value in values.items():
+        text = text.replace(f'"${{{name}}}"', str(int(value)))
+    left = set(_PLACEHOLDER.findall(text)) - set(STRINGS)
+    if left:
+        raise ValueError(f"unknown placeholders in the state machine definition: {sorted(left)}")
+    return text
+
+
+def substitute(text: str, strings: Mapping[str, str]) -> str:
+    """What CloudFormation's DefinitionSubstitutions does, for checks and tests."""
+    missing = set(_PLACEHOLDER.findall(text)) - set(strings)
+    if missing:
+        raise ValueError(f"no value for placeholders {sorted(missing)}")
+    return _PLACEHOLDER.sub(lambda m: strings[m.group(1)], text)
+
+
+def placeholders() -> set[str]:
+    return set(_PLACEHOLDER.findall(source()))
+
+
+def parsed(numbers: Mapping[str, int] | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(render(numbers))
+    return data
