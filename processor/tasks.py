@@ -309,7 +309,9 @@ def _work(settings: Settings) -> Path:
 
 
 # --- command line --------------------------------------------------------------------------------------------
-def _report_result(result: dict[str, Any] | None, error: ShopKpiError | None, env: Env | None) -> None:
+def _report_result(
+    result: dict[str, Any] | None, error: ShopKpiError | None, env: Env | None, settings: Settings
+) -> None:
     token = os.environ.get("SHOPKPI_TASK_TOKEN")
     body = {
         "event": "task.result",
@@ -319,8 +321,10 @@ def _report_result(result: dict[str, Any] | None, error: ShopKpiError | None, en
     }
     sys.stdout.buffer.write(orjson.dumps(body, default=str) + b"\n")
     sys.stdout.flush()
-    if token and env is not None:
-        sfn = env.clients.stepfunctions
+    if token:
+        from processor.aws import make_clients
+
+        sfn = env.clients.stepfunctions if env is not None else make_clients(settings).stepfunctions
         if error is None:
             sfn.send_task_success(taskToken=token, output=orjson.dumps(result, default=str).decode())
         else:
@@ -391,13 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = commands[args.command]()
         except ShopKpiError as e:
             log.error("task.failed", code=e.code, message=e.message)
-            _report_result(None, e, env)
+            _report_result(None, e, env, settings)
             return 1 if e.retryable else 2
         except Exception as e:  # a bug: report it (terminal) rather than leave the state waiting for a heartbeat
             log.error("task.crashed", exc_info=True, error=repr(e))
-            _report_result(None, InternalError(f"{type(e).__name__}: {e}"), env)
+            _report_result(None, InternalError(f"{type(e).__name__}: {e}"), env, settings)
             return 2
-    _report_result(result, None, env)
+    _report_result(result, None, env, settings)
     return 0
 
 

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -50,6 +51,107 @@ def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(f.outcome == "accepted" for f in run.files) else 3
 
 
+def _stack(settings: Settings) -> Any:
+    from orchestration.operations import Stack
+
+    return Stack.connect(settings)
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.buffer.write(orjson.dumps(value, default=_json_default, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestration import operations
+    from shopkpi.render import print_outcomes
+
+    stack = _stack(settings)
+    landed = operations.ingest(stack, [Path(p) for p in args.paths])
+    print(f"uploaded {len(landed)} files to s3://{stack.outputs.bucket}/incoming/", file=sys.stderr)
+    if not args.wait:
+        return 0
+    done = operations.wait(stack, args.timeout, [f.file_id for f in landed])
+    results = operations.outcomes(stack, landed)
+    print_outcomes(results)
+    if not done:
+        print(f"timed out after {args.timeout:.0f} s", file=sys.stderr)
+        return 4
+    return 0 if all(r.get("outcome") == "accepted" for r in results) else 3
+
+
+def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestration import operations
+
+    if operations.wait(_stack(settings), args.timeout):
+        return 0
+    print(f"still busy after {args.timeout:.0f} s", file=sys.stderr)
+    return 4
+
+
+def cmd_kpis(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestration import operations
+    from shopkpi.render import print_category, print_daily
+
+    stack = _stack(settings)
+    if args.kind == "daily":
+        daily = operations.daily(stack, args.date_from, args.date_to)
+        _print_json([k.public() for k in daily]) if args.json else print_daily(daily)
+    else:
+        category = operations.category(stack, args.category, args.date_from, args.date_to)
+        _print_json([k.public() for k in category]) if args.json else print_category(category)
+    return 0
+
+
+def cmd_reprocess(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestration import operations
+
+    stack = _stack(settings)
+    arn = operations.reprocess(stack, args.date_from, args.date_to)
+    print(arn)
+    if args.wait and not operations.wait(stack, args.timeout):
+        print(f"still busy after {args.timeout:.0f} s", file=sys.stderr)
+        return 4
+    if args.wait:
+        status = stack.workflow.describe(arn)["status"]
+        print(f"reprocessing {status.lower()}", file=sys.stderr)
+        return 0 if status == "SUCCEEDED" else 5
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestration import operations
+    from shopkpi.render import print_executions, print_ledger
+
+    executions, files = operations.runs(_stack(settings), args.limit)
+    if args.json:
+        _print_json({"executions": executions, "files": files})
+    else:
+        print_executions(executions)
+        print_ledger(files, "Recent files")
+    return 0
+
+
+def cmd_rejects(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestration import operations
+    from shopkpi.render import print_ledger
+
+    files = operations.rejects(_stack(settings), args.limit)
+    _print_json(files) if args.json else print_ledger(files, "Rejected files")
+    return 0
+
+
+def cmd_local_up(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestration.local.stack import serve_forever
+
+    return serve_forever(settings, port=args.port)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestration.demo import run_demo
+
+    return run_demo(settings, orders=args.orders, port=args.port, keep=args.keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shopkpi", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--stack", help="deployed stack name (SHOPKPI_STACK, default shopkpi)")
@@ -62,6 +164,55 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help='print {"daily": [...], "category": [...]}')
     pr.add_argument("--buckets", type=int, help="staging buckets (SHOPKPI_BUCKETS)")
     pr.set_defaults(func=cmd_process)
+
+    local = sub.add_parser("local", help="the embedded AWS stack (moto server) on this machine")
+    local_sub = local.add_subparsers(dest="local_command", required=True)
+    up = local_sub.add_parser("up", help="start moto on 127.0.0.1, deploy the stack, run trigger and tasks")
+    up.add_argument("--port", type=int, default=4566)
+    up.set_defaults(func=cmd_local_up)
+
+    ing = sub.add_parser("ingest", help="upload files or directories to incoming/ as a producer would")
+    ing.add_argument("paths", nargs="+")
+    ing.add_argument("--wait", action="store_true", help="block until processed; print each file's outcome")
+    ing.add_argument("--timeout", type=float, default=900)
+    ing.set_defaults(func=cmd_ingest)
+
+    w = sub.add_parser("wait", help="block until no event is queued and no execution runs")
+    w.add_argument("--timeout", type=float, default=900)
+    w.set_defaults(func=cmd_wait)
+
+    k = sub.add_parser("kpis", help="read KPIs from DynamoDB")
+    k_sub = k.add_subparsers(dest="kind", required=True)
+    for kind in ("daily", "category"):
+        kp = k_sub.add_parser(kind, help=f"{'order' if kind == 'daily' else 'category'}-level KPIs")
+        if kind == "category":
+            kp.add_argument("--category")
+        kp.add_argument("--from", dest="date_from")
+        kp.add_argument("--to", dest="date_to")
+        kp.add_argument("--json", action="store_true", help="a JSON array with the brief's field names")
+        kp.set_defaults(func=cmd_kpis)
+
+    rp = sub.add_parser("reprocess", help="recompute the KPIs of a date range through the same workflow")
+    rp.add_argument("--from", dest="date_from", required=True)
+    rp.add_argument("--to", dest="date_to", required=True)
+    rp.add_argument("--wait", action="store_true")
+    rp.add_argument("--timeout", type=float, default=900)
+    rp.set_defaults(func=cmd_reprocess)
+
+    for name, func, what in (
+        ("runs", cmd_runs, "recent executions and file outcomes"),
+        ("rejects", cmd_rejects, "rejected files and their rows by reason"),
+    ):
+        r = sub.add_parser(name, help=what)
+        r.add_argument("--limit", type=int, default=20)
+        r.add_argument("--json", action="store_true")
+        r.set_defaults(func=func)
+
+    d = sub.add_parser("demo", help="the main job on the embedded stack: up, generate, ingest, wait, show KPIs")
+    d.add_argument("--orders", type=int, default=60_000, help="orders in the generated sample")
+    d.add_argument("--port", type=int, default=0, help="moto port (0: a free one)")
+    d.add_argument("--keep", action="store_true", help="keep the stack running after the demo")
+    d.set_defaults(func=cmd_demo)
     return p
 
 

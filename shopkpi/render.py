@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -38,6 +39,11 @@ def print_files(files: Sequence[ValidationResult], merge: MergeResult | None = N
 
 
 def print_kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> None:
+    print_daily(daily)
+    print_category(category)
+
+
+def print_daily(daily: Sequence[OrderKpi]) -> None:
     t = Table(title="Order KPIs per day", title_justify="left")
     for col in (
         "order_date",
@@ -58,6 +64,9 @@ def print_kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> No
             f"{k.unique_customers:,}",
         )
     console.print(t)
+
+
+def print_category(category: Sequence[CategoryKpi]) -> None:
     c = Table(title="Category KPIs per day", title_justify="left")
     for col in ("category", "order_date", "daily_revenue", "avg_order_value", "avg_return_rate %"):
         c.add_column(col, justify="left" if col in ("category", "order_date") else "right")
@@ -66,3 +75,48 @@ def print_kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> No
             ck.category, ck.order_date, f"{ck.daily_revenue:,}", f"{ck.avg_order_value:,}", str(ck.avg_return_rate)
         )
     console.print(c)
+
+
+def print_outcomes(results: Sequence[dict[str, Any]]) -> None:
+    t = Table(title="File outcomes", title_justify="left")
+    for col in ("file", "outcome", "rows", "rejected", "reason"):
+        t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
+    for r in results:
+        reasons = r.get("reason") or ", ".join(f"{k}={v}" for k, v in (r.get("rejects_by_reason") or {}).items())
+        style = "red" if r.get("outcome") != "accepted" else None
+        t.add_row(
+            str(r["file"]),
+            str(r.get("outcome")),
+            str(r.get("rows", "")),
+            str(r.get("rejected_rows", "")),
+            reasons,
+            style=style,
+        )
+    console.print(t)
+
+
+def print_executions(executions: Sequence[dict[str, Any]]) -> None:
+    t = Table(title="Recent executions", title_justify="left")
+    for col in ("name", "status", "started", "stopped"):
+        t.add_column(col)
+    for e in executions:
+        t.add_row(str(e["name"]), str(e["status"]), str(e.get("startDate", "")), str(e.get("stopDate", "")))
+    console.print(t)
+
+
+def print_ledger(files: Sequence[dict[str, Any]], title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    for col in ("updated", "source", "dataset", "outcome", "rows", "rejected", "reasons"):
+        t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
+    for f in files:
+        reasons = f.get("reason") or ", ".join(f"{k}={v}" for k, v in (f.get("rejects_by_reason") or {}).items())
+        t.add_row(
+            str(f.get("updated_at", ""))[:19],
+            str(f.get("source", "")).rsplit("/", 1)[-1],
+            str(f.get("dataset")),
+            str(f.get("outcome")),
+            str(f.get("rows", "")),
+            str(f.get("rejected_rows", "")),
+            reasons,
+        )
+    console.print(t)
