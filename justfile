@@ -5,11 +5,19 @@ set positional-arguments
 help:
     @just --list
 
-# the main job for now: generate a sample data set and compute its KPIs locally, with no AWS
-demo dir="data/sample":
+# the main job: the whole pipeline on the embedded AWS stack (moto): up, generate, ingest, wait, show KPIs
+demo *args:
+    shopkpi demo "$@"
+
+# the same sample processed in one process with no AWS at all (shopkpi process)
+demo-offline dir="data/sample":
     python -m loadgen.generate {{dir}} --orders 20000 --days 14 --parts 4 --bad-rows 20 --bad-file --seed 7
     # exit status 3 means "done, some file was rejected": the sample has a bad file on purpose
     shopkpi process {{dir}} || [ $? -eq 3 ]
+
+# start the embedded stack in the foreground (another shell then uses shopkpi ingest / kpis / runs ...)
+up port="4566":
+    shopkpi local up --port {{port}}
 
 # the test suite (what CI runs): lint, types, then pytest
 test *args:
