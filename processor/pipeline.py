@@ -181,7 +181,7 @@ def process_local(paths: list[Path], staging: Path, settings: Settings) -> Local
     try:
         results = stage_local(paths, store, settings, work)
         with context(stage="merge"):
-            summary, _, _ = merge(
+            summary, daily, category = merge(
                 store,
                 buckets=settings.buckets,
                 generation=load_state(store).generation + 1,
@@ -189,7 +189,8 @@ def process_local(paths: list[Path], staging: Path, settings: Settings) -> Local
                 orphan_grace_s=settings.orphan_grace_s,
                 rows_per_pass=settings.merge_rows,
             )
-        daily, category = all_kpis(store)
+        if set(summary.dates) != set(all_dates(store)):  # the merge recomputed only some dates: read the rest
+            daily, category = all_kpis(store)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return LocalRun(results, summary, daily, category)
@@ -203,11 +204,16 @@ def _keep_outputs(store: Store, v: Validated) -> None:
         store.put_file(v.rejects_csv, f"rejects/{fid}.csv")
 
 
-def all_kpis(store: Store) -> tuple[list[OrderKpi], list[CategoryKpi]]:
-    """Every KPI of the current state of a staging store (all dates)."""
+def all_dates(store: Store) -> list[str]:
+    """Every order date the current state of a staging store has KPIs for."""
     state = load_state(store)
     if not state.buckets:
-        return [], []
+        return []
     daily = scan_part(store, state.buckets, "daily")
     dates = daily.select(pl.col("order_date").unique().sort()).collect().get_column("order_date")
-    return combine_dates(store, state.buckets, [d.isoformat() for d in dates.to_list()])
+    return [d.isoformat() for d in dates.to_list()]
+
+
+def all_kpis(store: Store) -> tuple[list[OrderKpi], list[CategoryKpi]]:
+    """Every KPI of the current state of a staging store (all dates)."""
+    return combine_dates(store, load_state(store).buckets, all_dates(store))
