@@ -19,6 +19,10 @@ demo-offline dir="data/sample":
 up port="4566":
     shopkpi local up --port {{port}}
 
+# build and push the image, then create or update the AWS stack through a change set (--dry-run: plan only)
+deploy *args:
+    shopkpi deploy "$@"
+
 # the test suite (what CI runs): lint, types, then pytest
 test *args:
     ruff check .

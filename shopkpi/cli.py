@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -19,6 +19,9 @@ from processor.errors import ShopKpiError
 from processor.log import configure
 from processor.model import CategoryKpi, OrderKpi
 from processor.settings import Settings
+
+if TYPE_CHECKING:
+    from orchestration.release import Plan
 
 
 def _json_default(value: object) -> object:
@@ -152,6 +155,65 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, orders=args.orders, port=args.port, keep=args.keep)
 
 
+def _key_values(items: Sequence[str]) -> dict[str, str]:
+    from processor.errors import ConfigError
+
+    found: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param wants KEY=VALUE, got {item!r}")
+        found[key.strip()] = value
+    return found
+
+
+def _print_plan(plan: Plan) -> None:
+    from rich.table import Table
+
+    from shopkpi.render import console
+
+    t = Table(title=f"Plan: {plan.kind} stack {plan.stack} ({plan.account}, {plan.region})", title_justify="left")
+    for col in ("action", "resource", "type", "replacement"):
+        t.add_column(col)
+    styles = {"Add": "green", "Remove": "red", "Modify": "yellow"}
+    for c in plan.changes:
+        style = "red" if c.replacement in ("True", "Conditional") else styles.get(c.action)
+        t.add_row(c.action, c.logical_id, c.resource_type, c.replacement or "", style=style)
+    console.print(t)
+    kept = f" (kept from the stack: {', '.join(plan.kept)})" if plan.kept else ""
+    console.print("parameters: " + ", ".join(f"{k}={v}" for k, v in plan.parameters.items()) + kept)
+
+
+def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.table import Table
+
+    from orchestration import release
+    from shopkpi.render import console
+
+    parameters = _key_values(args.param)
+    if args.alert_email is not None:
+        parameters["AlertEmail"] = args.alert_email
+    result = release.deploy(
+        settings,
+        image_uri=args.image_uri,
+        skip_image=args.skip_image,
+        dry_run=args.dry_run,
+        parameters=parameters,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        on_plan=_print_plan,
+    )
+    if result.status == "unchanged":
+        console.print(f"no changes: stack {result.plan.stack} is up to date")
+    if result.outputs:
+        t = Table(title=f"Outputs of stack {result.plan.stack}", title_justify="left")
+        t.add_column("output")
+        t.add_column("value", overflow="fold")
+        for key, value in sorted(result.outputs.items()):
+            t.add_row(key, value)
+        console.print(t)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shopkpi", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--stack", help="deployed stack name (SHOPKPI_STACK, default shopkpi)")
@@ -213,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=0, help="moto port (0: a free one)")
     d.add_argument("--keep", action="store_true", help="keep the stack running after the demo")
     d.set_defaults(func=cmd_demo)
+
+    dp = sub.add_parser("deploy", help="build and push the image, then create or update the stack via a change set")
+    dp.add_argument("--dry-run", action="store_true", help="show the plan (change set) and change nothing")
+    dp.add_argument("--image-uri", help="deploy this image; nothing is built")
+    dp.add_argument(
+        "--skip-image", action="store_true", help="build nothing: use --image-uri, or keep the stack's current image"
+    )
+    dp.add_argument("--alert-email", help="e-mail address subscribed to the alert topic (empty string: none)")
+    dp.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="another template parameter (repeatable)"
+    )
+    dp.set_defaults(func=cmd_deploy)
     return p
 
 

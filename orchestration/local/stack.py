@@ -74,7 +74,7 @@ class EmbeddedStack:
         # moto's CloudFormation has no AWS::Pipes::Pipe nor AWS::SQS::QueuePolicy: it skips them with a warning.
         # Locally the Pipe's work is done by LocalPipe and queue policies have no effect, so the warning is noise.
         warnings.filterwarnings("ignore", message="Tried to parse AWS::", category=UserWarning)
-        logging.getLogger("moto.cloudformation.parsing").setLevel(logging.ERROR)
+        logging.getLogger("moto").setLevel(logging.ERROR)  # "No Moto CloudFormation support for ..."
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         # The execution engine logs every JSONPath that is absent, which a Choice with IsPresent expects.
         logging.getLogger("moto.stepfunctions.parser").setLevel(logging.CRITICAL)

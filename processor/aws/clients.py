@@ -27,6 +27,7 @@ from botocore.exceptions import (
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.parsers import ResponseParserError
 
 from processor.errors import (
     AccessDenied,
@@ -153,6 +154,8 @@ def translate(err: BaseException, op: str = "aws", **ctx: Any) -> ShopKpiError:
             return AccessDenied(f"{op}: {err}", **context)
         return AwsError(f"{op}: {err}", **context)
     context["aws_code"] = type(err).__name__
+    if isinstance(err, ResponseParserError):  # an unparsable body, e.g. a 500 page from a proxy: transient
+        return ServiceUnavailable(f"{op}: {err}", **context)
     return AwsError(f"{op}: {err}", **context)
 
 
@@ -166,7 +169,7 @@ def aws_call(op: str, **ctx: Any) -> Iterator[None]:
     """
     try:
         yield
-    except (ClientError, BotoCoreError, Boto3Error) as e:
+    except (ClientError, BotoCoreError, Boto3Error, ResponseParserError) as e:
         raise translate(e, op, **ctx) from e
 
 
