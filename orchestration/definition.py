@@ -25,6 +25,7 @@ NUMBERS: dict[str, int] = {
     "MergeTimeoutSeconds": 3600,
     "HeartbeatSeconds": 120,  # tasks beat every 30 s; a dead container is noticed within two minutes
     "RetryIntervalSeconds": 5,
+    "ExecutionTimeoutSeconds": 4 * 3600,  # a whole batch; past it the execution times out (and the alarm fires)
 }
 STRINGS = (
     "ClusterArn",
