@@ -128,7 +128,7 @@ class S3Store:
         with aws_call("s3.get_object", bucket=self.bucket, key=key):
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             try:
-                return body.read()
+                return bytes(body.read())
             finally:
                 body.close()
 
