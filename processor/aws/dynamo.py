@@ -480,6 +480,21 @@ class KpiTables:
             for page in paginator.paginate(**request):
                 yield from (dict(i) for i in page.get("Items", []))
 
+    def _partition_query(
+        self, table: str, key: str, value: str, date_from: str | None, date_to: str | None
+    ) -> Iterator[Item]:
+        """One partition of a KPI table, its ``order_date`` sort key within the (optional, inclusive) bounds."""
+        values: Item = {":k": _s(value)}
+        condition = "#k = :k" + _range_condition(date_from, date_to, values)
+        return self._query(
+            "dynamodb.query",
+            TableName=table,
+            KeyConditionExpression=condition,
+            ExpressionAttributeNames={"#k": key, **({"#d": "order_date"} if "#d" in condition else {})},
+            ExpressionAttributeValues=values,
+            ConsistentRead=True,
+        )
+
     def years(self) -> list[str]:
         """The years that have order KPIs, ascending (from the years index item)."""
         with aws_call("dynamodb.get_item", table=self.order_table, item="years-index"):
@@ -505,19 +520,7 @@ class KpiTables:
             return []
 
         def year_query(year: str) -> list[OrderKpi]:
-            values: Item = {":y": _s(year)}
-            condition = "#y = :y" + _range_condition(date_from, date_to, values)
-            items = self._query(
-                "dynamodb.query",
-                TableName=self.order_table,
-                KeyConditionExpression=condition,
-                ExpressionAttributeNames={
-                    "#y": "order_year",
-                    **({"#d": "order_date"} if "#d" in condition else {}),
-                },
-                ExpressionAttributeValues=values,
-                ConsistentRead=True,
-            )
+            items = self._partition_query(self.order_table, "order_year", year, date_from, date_to)
             return [_order_from(i) for i in items]
 
         per_year = self._parallel(year_query, self._years_for(date_from, date_to))
@@ -536,19 +539,7 @@ class KpiTables:
         if date_from is not None and date_to is not None and date_from > date_to:
             return []
         if category is not None:
-            values: Item = {":c": _s(category)}
-            condition = "#c = :c" + _range_condition(date_from, date_to, values)
-            items = self._query(
-                "dynamodb.query",
-                TableName=self.category_table,
-                KeyConditionExpression=condition,
-                ExpressionAttributeNames={
-                    "#c": "category",
-                    **({"#d": "order_date"} if "#d" in condition else {}),
-                },
-                ExpressionAttributeValues=values,
-                ConsistentRead=True,
-            )
+            items = self._partition_query(self.category_table, "category", category, date_from, date_to)
             return [_category_from(i) for i in items]
         dates = [k.order_date for k in self.daily(date_from, date_to)]
         per_date = self._parallel(self._categories_of, dates)
