@@ -214,6 +214,27 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestration import operations
+    from shopkpi.dashboard import make_server
+
+    stack = _stack(settings)
+    server = make_server(
+        "127.0.0.1",
+        args.port,
+        lambda f, t: operations.daily(stack, f, t),
+        lambda c, f, t: operations.category(stack, c, f, t),
+    )
+    print(f"shopkpi dashboard on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shopkpi", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--stack", help="deployed stack name (SHOPKPI_STACK, default shopkpi)")
@@ -269,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--limit", type=int, default=20)
         r.add_argument("--json", action="store_true")
         r.set_defaults(func=func)
+
+    db = sub.add_parser("dashboard", help="serve the KPI dashboard (read-only, from DynamoDB)")
+    db.add_argument("--port", type=int, default=8050)
+    db.set_defaults(func=cmd_dashboard)
 
     d = sub.add_parser("demo", help="the main job on the embedded stack: up, generate, ingest, wait, show KPIs")
     d.add_argument("--orders", type=int, default=60_000, help="orders in the generated sample")
