@@ -13,12 +13,21 @@ from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 console = Console()
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in counts.items())
+
+
+def _reasons(file_reason: str | None, by_reason: dict[str, int] | None) -> str:
+    """A rejected file's reason, else its rejected rows by reason."""
+    return file_reason or _counts(by_reason or {})
+
+
 def print_files(files: Sequence[ValidationResult], merge: MergeResult | None = None) -> None:
     t = Table(title="Files", title_justify="left")
     for col in ("file", "dataset", "outcome", "rows", "rejected", "reasons"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
     for f in files:
-        reasons = f.reason or ", ".join(f"{k}={v}" for k, v in f.rejects_by_reason.items())
+        reasons = _reasons(f.reason, f.rejects_by_reason)
         style = "red" if f.outcome == "rejected" else None
         t.add_row(
             f.source.rsplit("/", 1)[-1],
@@ -31,7 +40,7 @@ def print_files(files: Sequence[ValidationResult], merge: MergeResult | None = N
         )
     console.print(t)
     if merge is not None:
-        waiting = ", ".join(f"{k}={v}" for k, v in {**merge.pending, **merge.late_rejects}.items()) or "none"
+        waiting = _counts({**merge.pending, **merge.late_rejects}) or "none"
         console.print(
             f"merge: generation {merge.generation}, {merge.buckets_recomputed} buckets recomputed, "
             f"{len(merge.dates)} dates changed, conflicts {merge.conflicts}, waiting/late: {waiting}"
@@ -82,7 +91,7 @@ def print_outcomes(results: Sequence[dict[str, Any]]) -> None:
     for col in ("file", "outcome", "rows", "rejected", "reason"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
     for r in results:
-        reasons = r.get("reason") or ", ".join(f"{k}={v}" for k, v in (r.get("rejects_by_reason") or {}).items())
+        reasons = _reasons(r.get("reason"), r.get("rejects_by_reason"))
         style = "red" if r.get("outcome") != "accepted" else None
         t.add_row(
             str(r["file"]),
@@ -109,7 +118,7 @@ def print_ledger(files: Sequence[dict[str, Any]], title: str) -> None:
     for col in ("updated", "source", "dataset", "outcome", "rows", "rejected", "reasons"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
     for f in files:
-        reasons = f.get("reason") or ", ".join(f"{k}={v}" for k, v in (f.get("rejects_by_reason") or {}).items())
+        reasons = _reasons(f.get("reason"), f.get("rejects_by_reason"))
         t.add_row(
             str(f.get("updated_at", ""))[:19],
             str(f.get("source", "")).rsplit("/", 1)[-1],
