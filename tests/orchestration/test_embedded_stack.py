@@ -48,6 +48,8 @@ from orchestration import operations
 from orchestration.local.stack import EmbeddedStack
 from processor.schema import DATASETS
 from processor.settings import Settings
+from tests.processor.conftest import item as base_item
+from tests.processor.conftest import order, product
 from tests.reference import reference_kpis, reference_rejects
 
 pytestmark = pytest.mark.slow
@@ -119,26 +121,11 @@ def write_csv(folder: Path, name: str, rows: Sequence[dict[str, object]], column
     return path
 
 
-def order(order_id: int, user_id: int, created: str, status: str = "complete", **kw: object) -> dict[str, object]:
-    return {"order_id": order_id, "user_id": user_id, "status": status, "created_at": created, "num_of_item": 1, **kw}
-
-
 def item(
     item_id: int, order_id: int, user_id: int, product_id: int, price: str, created: str, status: str = "complete"
 ) -> dict[str, object]:
-    return {
-        "id": item_id,
-        "order_id": order_id,
-        "user_id": user_id,
-        "product_id": product_id,
-        "status": status,
-        "created_at": created,
-        "sale_price": price,
-    }
-
-
-def product(product_id: int, category: str, price: str = "10.00") -> dict[str, object]:
-    return {"id": product_id, "category": category, "retail_price": price, "name": f"p{product_id}"}
+    """An item created at ``created`` (the shared builder's default date is not these tests' dates)."""
+    return base_item(item_id, order_id, user_id, product_id, price, status, created_at=created)
 
 
 @dataclass
