@@ -13,7 +13,7 @@ import pytest
 
 from loadgen.generate import generate
 from processor.ingest import ingest, open_local
-from processor.merge import STATE_KEY, merge
+from processor.merge import HEAD_KEY, merge
 from processor.pipeline import process_local
 from processor.schema import ORDER_ITEMS
 from processor.settings import Settings
@@ -51,8 +51,8 @@ def test_full_merge(benchmark, shop: Path, tmp_path: Path, settings: Settings) -
     store = LocalStore(staging)
 
     def run() -> int:
-        store.delete(STATE_KEY)  # every round recomputes every bucket
-        _, daily, _ = merge(store, buckets=settings.buckets, generation=0, scratch=tmp_path / "m")
+        store.delete(HEAD_KEY)  # every round recomputes every bucket
+        _, daily, _ = merge(store, generation=0, scratch=tmp_path / "m")
         return len(daily)
 
     assert benchmark(run) == 30

@@ -1,16 +1,14 @@
-"""Exact KPIs (SPEC section 3) as pure functions over polars frames.
+"""Exact KPIs (SPEC section 3) as pure functions over polars frames, maintained by signed deltas.
 
-The work is split so that memory is bounded by one staging bucket, not by the data set:
+The unit of work is the *order group*: an order with all of its items (and their products). Every KPI is a sum of
+per-group contributions -- a group adds 1 to its date's orders, 1 to (its user, its date), 1 to each (category,
+date) in which it has a counted item, its items and cents -- so when a delivery changes some groups, the stored
+aggregates move by ``contributions(new groups) - contributions(old groups)``: a Z-set delta in the sense of DBSP.
+Distinct counts stay exact under retraction because the contribution of a group to a distinct count is 0 or 1 and
+the one distinct count that spans groups, customers per date, is kept as reference counts per (user, date):
+a customer counts while their count is above zero.
 
-1. :func:`latest_versions` -- within one bucket, keep each primary key's version from the latest-arriving file.
-2. :func:`bucket_partials` -- join that bucket's items to their orders and products and reduce it to *partial
-   aggregates*: per date and per (category, date) counts and exact sums, and the set of (date, user) pairs.
-   Orders and their items share a bucket (both are routed by ``order_id``), so every distinct-order count is
-   additive across buckets; distinct customers are not (a customer's orders spread over buckets), which is why the
-   partials keep the (date, user) set and :func:`combine` takes the union.
-3. :func:`combine` -- merge the partials of all buckets into the KPIs of the requested dates.
-
-Money stays ``Decimal(38, 2)`` (exact) and is converted to integer cents at the end.
+Money is integer cents from staging on; rates are derived from the exact components only when shown or stored.
 """
 
 from __future__ import annotations
@@ -18,214 +16,272 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
-from decimal import Decimal
 
 import polars as pl
 
 from processor.model import CategoryKpi, OrderKpi
-from processor.schema import BUCKET
 
-ORD = "_ord"  # arrival ordinal of the file a row came from: higher arrived later
-SUM_DTYPE = pl.Decimal(38, 2)
+#: Arrival version of a row: arrival time in microseconds shifted left 10 bits, plus 10 bits of a digest of the
+#: file, so versions are totally ordered (the later arrival wins) and files landing in the same microsecond tie
+#: deterministically.
+VER = "_ver"
+TIE_BITS = 10
+HASH = "_h"  # digest of a row's staged values: a new version that differs is a conflict
 
-DAILY_SCHEMA: dict[str, pl.DataType] = {
-    BUCKET: pl.Int32(),
+ORDER_STATE: dict[str, pl.DataType] = {
+    "order_id": pl.Int64(),
+    "user_id": pl.Int64(),
+    "order_date": pl.Date(),
+    "o_ret": pl.Boolean(),
+    VER: pl.Int64(),
+    HASH: pl.UInt64(),
+}
+#: The record-level index of items: which order holds an item id now, and which version it is.
+ITEM_INDEX: dict[str, pl.DataType] = {"id": pl.Int64(), "order_id": pl.Int64(), VER: pl.Int64(), HASH: pl.UInt64()}
+#: Items by order: what a group's contribution is computed from.
+ORDER_ITEMS: dict[str, pl.DataType] = {
+    "order_id": pl.Int64(),
+    "id": pl.Int64(),
+    "user_id": pl.Int64(),
+    "product_id": pl.Int64(),
+    "cents": pl.Int64(),
+    "i_ret": pl.Boolean(),
+    VER: pl.Int64(),
+    "_line": pl.Int64(),
+    "_fno": pl.Int32(),  # the file it came from (number in the merged-files table), for reject reports
+    "_del": pl.Boolean(),
+}
+USERS: dict[str, pl.DataType] = {"user_id": pl.Int64(), "order_date": pl.Date(), "n": pl.Int64()}
+PRODUCT_STATE: dict[str, pl.DataType] = {
+    "product_id": pl.Int64(),
+    "category": pl.String(),
+    VER: pl.Int64(),
+    HASH: pl.UInt64(),
+}
+
+DAILY: dict[str, pl.DataType] = {
     "order_date": pl.Date(),
     "orders": pl.Int64(),
     "returned_orders": pl.Int64(),
     "items": pl.Int64(),
-    "revenue": SUM_DTYPE,
+    "revenue": pl.Int64(),  # cents
+    "customers": pl.Int64(),
 }
-#: The distinct customers of each (bucket, date), as a sorted list: compact, and compared exactly between merges.
-USERS_SCHEMA: dict[str, pl.DataType] = {BUCKET: pl.Int32(), "order_date": pl.Date(), "users": pl.List(pl.Int64())}
-CATEGORY_SCHEMA: dict[str, pl.DataType] = {
-    BUCKET: pl.Int32(),
+CATEGORY: dict[str, pl.DataType] = {
     "category": pl.String(),
     "order_date": pl.Date(),
     "orders": pl.Int64(),
     "returned_orders": pl.Int64(),
     "items": pl.Int64(),
-    "revenue": SUM_DTYPE,
+    "revenue": pl.Int64(),
 }
-PENDING_SCHEMA: dict[str, pl.DataType] = {
-    BUCKET: pl.Int32(),
-    "reason": pl.String(),
-    ORD: pl.Int64(),
-    "rows": pl.Int64(),
+PENDING: dict[str, pl.DataType] = {"reason": pl.String(), "arrival_us": pl.Int64(), "rows": pl.Int64()}
+MISMATCH: dict[str, pl.DataType] = {
+    "id": pl.Int64(),
+    "order_id": pl.Int64(),
+    "user_id": pl.Int64(),
+    "order_user_id": pl.Int64(),
+    "product_id": pl.Int64(),
+    "cents": pl.Int64(),
+    "_line": pl.Int64(),
+    "_fno": pl.Int32(),
 }
-LATE_SCHEMA: dict[str, pl.DataType] = {BUCKET: pl.Int32(), "id": pl.Int64(), "order_id": pl.Int64(), ORD: pl.Int64()}
+_KEYS = {"daily": ["order_date"], "users": ["user_id", "order_date"], "category": ["category", "order_date"]}
+_KEYS["pending"] = ["reason", "arrival_us"]
 
 
-@dataclass
-class Partials:
-    """The partial aggregates of one or more buckets, every frame keyed by ``_b``."""
-
-    daily: pl.DataFrame  # DAILY_SCHEMA
-    users: pl.DataFrame  # USERS_SCHEMA, distinct
-    category: pl.DataFrame  # CATEGORY_SCHEMA
-    pending: pl.DataFrame  # PENDING_SCHEMA: items waiting, by reason and by the file (ordinal) they came from
-    late_rejects: pl.DataFrame  # LATE_SCHEMA: items rejected at merge time (user_mismatch)
-
-    SCHEMAS = (DAILY_SCHEMA, USERS_SCHEMA, CATEGORY_SCHEMA, PENDING_SCHEMA, LATE_SCHEMA)
-
-    @classmethod
-    def empty(cls) -> Partials:
-        return cls(*(pl.DataFrame(schema=s) for s in cls.SCHEMAS))
-
-    def frames(self) -> tuple[pl.DataFrame, ...]:
-        return (self.daily, self.users, self.category, self.pending, self.late_rejects)
-
-    def bucket(self, b: int) -> Partials:
-        return Partials(*(f.filter(pl.col(BUCKET) == b) for f in self.frames()))
-
-
-def latest_versions(frame: pl.LazyFrame, key: str, files: int) -> tuple[pl.LazyFrame, pl.LazyFrame | None]:
-    """Keep, for each (bucket, ``key``), the row of the latest-arriving file (highest ``_ord``).
-
-    Returns the deduplicated rows and, when rows came from more than one file, a frame of the keys whose versions
-    disagree (conflicts, to be logged; identical re-deliveries are not conflicts).
-    """
-    if files <= 1:
-        return frame, None  # one file: keys are already unique (duplicate keys are rejected at validation)
-    data_cols = [c for c in frame.collect_schema().names() if not c.startswith("_")]
-    conflicts = (
-        frame.unique(subset=[BUCKET, *data_cols])
-        .filter(pl.struct(BUCKET, key).is_duplicated())
-        .select(pl.struct(BUCKET, key).n_unique().alias("conflicts"))
-    )
-    latest = frame.sort(ORD).unique(subset=[BUCKET, key], keep="last", maintain_order=False)
-    return latest, conflicts
+def row_digest(columns: Sequence[str]) -> pl.Expr:
+    """A 64-bit digest of a row's values (per-column hashes combined; nulls hash to a constant)."""
+    exprs = [pl.col(c).hash(seed=i) for i, c in enumerate(columns)]
+    out = exprs[0]
+    for e in exprs[1:]:
+        out = out * 1_000_003 + e
+    return out.alias(HASH)
 
 
 def _returned() -> pl.Expr:
     return (pl.col("status") == "returned") | pl.col("returned_at").is_not_null()
 
 
-def bucket_partials(orders: pl.LazyFrame, items: pl.LazyFrame, products: pl.DataFrame) -> Partials:
-    """Reduce latest orders and items of some buckets (and all latest products) to partial aggregates.
+def _cents() -> pl.Expr:
+    return (pl.col("sale_price").cast(pl.Decimal(20, 2)) * 100).cast(pl.Int64).alias("cents")
 
-    An item counts only when both its order and its product are known; otherwise it waits (``pending``) and counts
-    as soon as a later merge sees the missing row. An item whose user_id differs from its order's is rejected.
-    Distinct orders per (category, date) are counted with ``n_unique`` inside the group rather than by a group-by on
-    (category, date, order): several times faster on tens of millions of items.
-    """
-    o = orders.select(
-        BUCKET,
+
+def order_rows(staged: pl.LazyFrame, data_columns: Sequence[str]) -> pl.LazyFrame:
+    """Staged orders (with ``_ver``) -> rows of the orders state."""
+    return staged.select(
         "order_id",
-        pl.col("user_id").alias("o_user"),
+        "user_id",
         pl.col("created_at").dt.date().alias("order_date"),
-        _returned().alias("o_returned"),
-    ).collect()
-    daily_orders = o.group_by(BUCKET, "order_date").agg(
-        pl.len().cast(pl.Int64).alias("orders"),
-        pl.col("o_returned").sum().cast(pl.Int64).alias("returned_orders"),
+        _returned().alias("o_ret"),
+        VER,
+        row_digest(data_columns),
     )
-    users = o.group_by(BUCKET, "order_date").agg(pl.col("o_user").unique().sort().alias("users"))
 
-    # Categories as small integers while grouping; names come back at the end.
-    names = products.select(pl.col("category").unique().sort()).with_row_index("cat")
-    product_cat = products.join(names, on="category").select(pl.col("id").alias("product_id"), "cat")
-    it = (
-        items.select(
-            BUCKET,
-            "id",
-            "order_id",
-            "user_id",
-            "product_id",
-            pl.col("sale_price").cast(SUM_DTYPE),
-            _returned().alias("i_returned"),
-            ORD,
-        )
-        .join(o.lazy().drop(BUCKET), on="order_id", how="left")
-        .join(product_cat.lazy(), on="product_id", how="left")
-        .collect(engine="streaming")
+
+def item_rows(staged: pl.LazyFrame, data_columns: Sequence[str]) -> pl.LazyFrame:
+    """Staged items (with ``_ver`` and ``_fno``) -> rows of the items-by-order state, plus their digest."""
+    return staged.select(
+        "order_id",
+        "id",
+        "user_id",
+        "product_id",
+        _cents(),
+        _returned().alias("i_ret"),
+        VER,
+        "_line",
+        "_fno",
+        pl.lit(False).alias("_del"),
+        row_digest(data_columns),
     )
-    no_order = pl.col("o_user").is_null()
-    mismatch = ~no_order & (pl.col("user_id") != pl.col("o_user"))
-    late_rejects = it.filter(mismatch).select(list(LATE_SCHEMA))
-    wait = pl.when(no_order).then(pl.lit("order")).when(pl.col("cat").is_null()).then(pl.lit("product"))
-    it = it.filter(~mismatch).with_columns(wait.alias("reason"))
-    pending = it.filter(pl.col("reason").is_not_null()).group_by(BUCKET, "reason", ORD).agg(pl.len().alias("rows"))
+
+
+def product_rows(staged: pl.LazyFrame, data_columns: Sequence[str]) -> pl.LazyFrame:
+    return staged.select(pl.col("id").alias("product_id"), "category", VER, row_digest(data_columns))
+
+
+def latest(rows: pl.DataFrame, key: str) -> tuple[pl.DataFrame, int]:
+    """The latest version of each key in one batch, and how many keys came in versions that disagree."""
+    if rows.is_empty():
+        return rows, 0
+    conflicts = rows.group_by(key).agg(pl.col(HASH).n_unique().alias("v")).filter(pl.col("v") > 1).height
+    return rows.sort(VER).unique(subset=[key], keep="last", maintain_order=False), conflicts
+
+
+@dataclass
+class Contribution:
+    """What some order groups add to the aggregates (or, as a delta, how much they move them)."""
+
+    daily: pl.DataFrame  # order_date -> orders, returned_orders, items, revenue
+    users: pl.DataFrame  # (user_id, order_date) -> n orders
+    category: pl.DataFrame  # (category, order_date) -> orders, returned_orders, items, revenue
+    pending: pl.DataFrame  # (reason, arrival_us) -> items waiting for their order or product
+    mismatched: pl.DataFrame  # items whose user differs from their order's (rejected: user_mismatch)
+
+
+def contributions(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFrame) -> Contribution:
+    """The contribution of the order groups in ``orders``/``items`` (current rows of the state tables).
+
+    An item counts when its order and product are known and it has its order's user; it waits while its order or
+    its product is missing; it is rejected (``user_mismatch``) when its order names another user.
+    """
+    o = orders.select("order_id", "user_id", "order_date", "o_ret")
+    daily_orders = o.group_by("order_date").agg(
+        pl.len().cast(pl.Int64).alias("orders"), pl.col("o_ret").sum().cast(pl.Int64).alias("returned_orders")
+    )
+    users = o.group_by("user_id", "order_date").agg(pl.len().cast(pl.Int64).alias("n"))
+    it = items.join(
+        o.select("order_id", pl.col("user_id").alias("order_user_id"), "order_date"), on="order_id", how="left"
+    ).join(products.select("product_id", "category"), on="product_id", how="left")
+    state = (
+        pl.when(pl.col("order_user_id").is_null())
+        .then(pl.lit("order"))
+        .when(pl.col("user_id") != pl.col("order_user_id"))
+        .then(pl.lit("mismatch"))
+        .when(pl.col("category").is_null())
+        .then(pl.lit("product"))
+    )
+    it = it.with_columns(state.alias("reason"))
     counted = it.filter(pl.col("reason").is_null())
-
-    daily_items = counted.group_by(BUCKET, "order_date").agg(
-        pl.len().cast(pl.Int64).alias("items"), pl.col("sale_price").sum().alias("revenue")
+    daily_items = counted.group_by("order_date").agg(
+        pl.len().cast(pl.Int64).alias("items"), pl.col("cents").sum().cast(pl.Int64).alias("revenue")
     )
-    daily = daily_orders.join(daily_items, on=[BUCKET, "order_date"], how="left").with_columns(
-        pl.col("items").fill_null(0), pl.col("revenue").fill_null(Decimal(0)).cast(SUM_DTYPE)
+    daily = daily_orders.join(daily_items, on="order_date", how="left").with_columns(
+        pl.col("items", "revenue").fill_null(0)
     )
     category = (
-        counted.group_by(BUCKET, "cat", "order_date")
+        counted.group_by("category", "order_date", "order_id")
+        .agg(pl.col("i_ret").any().alias("ret"), pl.len().alias("items"), pl.col("cents").sum().alias("revenue"))
+        .group_by("category", "order_date")
         .agg(
-            pl.col("order_id").n_unique().alias("orders"),
-            pl.col("order_id").filter(pl.col("i_returned")).n_unique().alias("returned_orders"),
-            pl.len().alias("items"),
-            pl.col("sale_price").sum().alias("revenue"),
+            pl.len().cast(pl.Int64).alias("orders"),
+            pl.col("ret").sum().cast(pl.Int64).alias("returned_orders"),
+            pl.col("items").sum().cast(pl.Int64),
+            pl.col("revenue").sum().cast(pl.Int64),
         )
-        .join(names, on="cat")
     )
-    frames = (daily, users, category, pending, late_rejects)
-    return Partials(
-        *(
-            f.select(list(schema)).cast(schema)  # type: ignore[arg-type]
-            for f, schema in zip(frames, Partials.SCHEMAS, strict=True)
-        )
+    pending = (
+        it.filter(pl.col("reason").is_in(["order", "product"]))
+        .group_by("reason", (pl.col(VER) // (1 << TIE_BITS)).alias("arrival_us"))
+        .agg(pl.len().cast(pl.Int64).alias("rows"))
+    )
+    mismatched = it.filter(pl.col("reason") == "mismatch").select(list(MISMATCH))
+    return Contribution(
+        daily=daily.select(list(DAILY)[:-1]),
+        users=users.select(list(USERS)),
+        category=category.select(list(CATEGORY)),
+        pending=pending.select(list(PENDING)),
+        mismatched=mismatched,
     )
 
 
-def combine(
-    daily: pl.LazyFrame, users: pl.LazyFrame, category: pl.LazyFrame, dates: Sequence[str] | None = None
-) -> tuple[list[OrderKpi], list[CategoryKpi]]:
-    """Merge the partials of every bucket into the KPIs of ``dates`` (all dates when None).
+def delta(new: Contribution, old: Contribution) -> Contribution:
+    """``new - old``, keeping only the keys whose figures moved. Mismatched items: those newly rejected."""
+    out = {}
+    for name, key in _KEYS.items():
+        a, b = getattr(new, name), getattr(old, name)
+        measures = [c for c in a.columns if c not in key]
+        both = pl.concat([a, b.with_columns(-pl.col(m) for m in measures)], how="vertical_relaxed")
+        summed = both.group_by(key).agg(pl.col(m).sum() for m in measures)
+        out[name] = summed.filter(pl.any_horizontal(pl.col(m) != 0 for m in measures))
+    fresh = new.mismatched.join(
+        old.mismatched.select("id", "order_id", "user_id"), on=["id", "order_id", "user_id"], how="anti"
+    )
+    return Contribution(mismatched=fresh, **out)
 
-    Inputs are lazy so the caller can point them at many Parquet files; only the requested dates are read.
-    """
-    if dates is not None:
-        wanted = [date.fromisoformat(d) for d in dates]
-        daily, users, category = (f.filter(pl.col("order_date").is_in(wanted)) for f in (daily, users, category))
-    d = (
-        daily.group_by("order_date")
-        .agg(pl.col("orders", "returned_orders", "items").sum(), pl.col("revenue").sum())
-        .join(
-            users.explode("users").group_by("order_date").agg(pl.col("users").n_unique().alias("customers")),
-            on="order_date",
-            how="left",
-        )
-        .sort("order_date")
-        .collect()
+
+def add(aggregate: pl.DataFrame, change: pl.DataFrame, key: list[str], alive: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``aggregate + change`` by ``key``; rows whose ``alive`` measure falls to 0 are dropped (their group is gone).
+
+    Returns the new aggregate and the keys that were dropped."""
+    if change.is_empty():
+        return aggregate, aggregate.head(0).select(key)
+    measures = [c for c in change.columns if c not in key]
+    merged = (
+        pl.concat([aggregate, change], how="diagonal_relaxed")
+        .group_by(key)
+        .agg(pl.col(c).fill_null(0).sum() for c in aggregate.columns if c not in key)
+        .select(aggregate.columns)
+        .cast(aggregate.schema)  # type: ignore[arg-type]
     )
-    c = (
-        category.group_by("category", "order_date")
-        .agg(pl.col("orders", "returned_orders", "items").sum(), pl.col("revenue").sum())
-        .sort("order_date", "category")
-        .collect()
-    )
-    daily_kpis = [
+    gone = merged.filter(pl.col(alive) == 0)
+    bad = merged.filter(pl.any_horizontal(pl.col(m) < 0 for m in measures if m in merged.columns))
+    if not bad.is_empty():
+        raise ValueError(f"negative aggregate after a delta (the state is inconsistent): {bad.head(3).to_dicts()}")
+    return merged.filter(pl.col(alive) != 0), gone.select(key)
+
+
+def order_kpis(daily: pl.DataFrame) -> list[OrderKpi]:
+    return [
         OrderKpi(
             order_date=r["order_date"].isoformat(),
             total_orders=r["orders"],
             returned_orders=r["returned_orders"],
             total_items_sold=r["items"],
-            revenue_cents=to_cents(r["revenue"]),
-            unique_customers=r["customers"] or 0,
+            revenue_cents=r["revenue"],
+            unique_customers=r["customers"],
         )
-        for r in d.iter_rows(named=True)
-        if r["orders"] > 0
+        for r in daily.sort("order_date").iter_rows(named=True)
     ]
-    category_kpis = [
+
+
+def category_kpis(category: pl.DataFrame) -> list[CategoryKpi]:
+    return [
         CategoryKpi(
             category=r["category"],
             order_date=r["order_date"].isoformat(),
             orders=r["orders"],
             returned_orders=r["returned_orders"],
             items=r["items"],
-            revenue_cents=to_cents(r["revenue"]),
+            revenue_cents=r["revenue"],
         )
-        for r in c.iter_rows(named=True)
-        if r["items"] > 0
+        for r in category.sort("order_date", "category").iter_rows(named=True)
     ]
-    return daily_kpis, category_kpis
 
 
-def to_cents(value: Decimal | None) -> int:
-    return 0 if value is None else int(value * 100)
+def empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)
+
+
+def in_range(frame: pl.DataFrame, date_from: str, date_to: str) -> pl.DataFrame:
+    return frame.filter(pl.col("order_date").is_between(date.fromisoformat(date_from), date.fromisoformat(date_to)))

@@ -114,17 +114,20 @@ class ValidationResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class MergeResult(msgspec.Struct, kw_only=True):
-    """What the merge (KPI) step returns: what it published and what still waits."""
+    """What the merge (KPI) step returns: what it applied, what it published and what still waits."""
 
     generation: int
-    segments: int  # committed segments considered
-    buckets_recomputed: int
-    dates: list[str]  # dates whose KPIs were recomputed
-    daily_kpis: int  # order-level KPI items recomputed
-    category_kpis: int  # category-level KPI items recomputed
-    published: int  # items written to the KPI store (unchanged and stale ones are skipped)
+    segments: int  # committed segments (files staged so far)
+    files_merged: int  # of those, files this merge applied (the delivery)
+    groups_recomputed: int  # order groups whose contribution was recomputed
+    dates: list[str]  # dates whose order KPIs were published or removed
+    daily_kpis: int  # order-level KPI items published
+    category_kpis: int  # category-level KPI items published
+    removed_kpis: int  # KPI items removed because their group no longer has rows
+    published: int  # items written or removed in the KPI store (unchanged and newer ones are skipped)
     pending: dict[str, int]  # items waiting for their order / product
     orphans: dict[str, int]  # of those, waiting longer than the grace period
-    late_rejects: dict[str, int]  # rows rejected at merge time (user_mismatch)
+    late_rejects: dict[str, int]  # items rejected at merge time (user_mismatch), as the state stands
     conflicts: int  # primary keys delivered with different values by different files
-    seconds: float
+    state_rows: dict[str, int] = msgspec.field(default_factory=dict)  # rows held by each keyed table
+    seconds: float = 0.0

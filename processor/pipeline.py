@@ -7,6 +7,7 @@ and the property tests use it). The ECS tasks in :mod:`processor.tasks` call the
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,12 +16,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import msgspec
-import polars as pl
 
 from processor.errors import FileRejected, Reason
 from processor.ingest import IngestOutput, ingest, open_local
 from processor.log import context, get_logger
-from processor.merge import combine_dates, load_state, merge, scan_part
+from processor.merge import current_kpis, load_head, merge
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 from processor.schema import detect_dataset
 from processor.settings import Settings
@@ -177,23 +177,30 @@ def process_local(paths: list[Path], staging: Path, settings: Settings) -> Local
     ``staging`` may be reused across calls: it keeps the staged data, so later calls add to what earlier ones saw.
     """
     store = LocalStore(staging)
-    work = settings.work_dir / f"process-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+    work = settings.work_dir / f"process-{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{os.getpid()}"
     try:
         results = stage_local(paths, store, settings, work)
-        with context(stage="merge"):
-            summary, daily, category = merge(
-                store,
-                buckets=settings.buckets,
-                generation=load_state(store).generation + 1,
-                scratch=work / "merge",
-                orphan_grace_s=settings.orphan_grace_s,
-                rows_per_pass=settings.merge_rows,
-            )
-        if set(summary.dates) != set(all_dates(store)):  # the merge recomputed only some dates: read the rest
-            daily, category = all_kpis(store)
+        summary = merge_local(store, settings, work / "merge")
+        daily, category = current_kpis(store)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return LocalRun(results, summary, daily, category)
+
+
+def merge_local(
+    store: LocalStore, settings: Settings, scratch: Path, force_dates: tuple[str, str] | None = None
+) -> MergeResult:
+    """Merge a local staging directory under its file lock (concurrent runs on one directory take turns)."""
+    with context(stage="merge"), store.lock():
+        result, _, _ = merge(
+            store,
+            generation=load_head(store).generation + 1,
+            scratch=scratch,
+            force_dates=force_dates,
+            orphan_grace_s=settings.orphan_grace_s,
+            rows_per_pass=settings.merge_rows,
+        )
+    return result
 
 
 def _keep_outputs(store: Store, v: Validated) -> None:
@@ -204,16 +211,6 @@ def _keep_outputs(store: Store, v: Validated) -> None:
         store.put_file(v.rejects_csv, f"rejects/{fid}.csv")
 
 
-def all_dates(store: Store) -> list[str]:
-    """Every order date the current state of a staging store has KPIs for."""
-    state = load_state(store)
-    if not state.buckets:
-        return []
-    daily = scan_part(store, state.buckets, "daily")
-    dates = daily.select(pl.col("order_date").unique().sort()).collect().get_column("order_date")
-    return [d.isoformat() for d in dates.to_list()]
-
-
 def all_kpis(store: Store) -> tuple[list[OrderKpi], list[CategoryKpi]]:
-    """Every KPI of the current state of a staging store (all dates)."""
-    return combine_dates(store, load_state(store).buckets, all_dates(store))
+    """Every KPI of the committed state of a staging store (all dates)."""
+    return current_kpis(store)

@@ -7,10 +7,13 @@ pointer (``state/current.json``), which only the holder of the merge lock writes
 
 from __future__ import annotations
 
+import fcntl
+import io
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from processor.aws.s3 import S3Store
@@ -22,6 +25,10 @@ class Store(Protocol):
     def get_bytes(self, key: str) -> bytes | None: ...
     def local_path(self, key: str) -> Path:
         """A local file holding the object (the object itself on disk; a cached download from S3)."""
+        ...
+
+    def open(self, key: str) -> IO[bytes]:
+        """A seekable reader of the object: reads fetch only the byte ranges asked for (S3 range GETs)."""
         ...
 
     def list_keys(self, prefix: str) -> Iterator[str]: ...
@@ -56,6 +63,21 @@ class LocalStore:
 
     def local_path(self, key: str) -> Path:
         return self._path(key)
+
+    def open(self, key: str) -> IO[bytes]:
+        return self._path(key).open("rb")
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the staging directory's merge lock (an OS file lock: released by the kernel if the process dies,
+        so a killed run never leaves it stuck). A second merge on the same directory waits its turn."""
+        path = self.root / ".merge.lock"
+        with path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         base = self._path(prefix)
@@ -99,6 +121,11 @@ class S3StagingStore:
             self.s3.download(self.prefix + key, tmp)
             tmp.replace(dest)
         return dest
+
+    def open(self, key: str) -> IO[bytes]:
+        if (self.cache / key).exists():
+            return (self.cache / key).open("rb")
+        return io.BufferedReader(self.s3.open_ranged(self.prefix + key), buffer_size=1 << 20)
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         for key in self.s3.list_keys(self.prefix + prefix):

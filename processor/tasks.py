@@ -45,9 +45,9 @@ import orjson
 from processor.errors import ConfigError, InternalError, NotFound, ShopKpiError
 from processor.ingest import open_local
 from processor.log import configure, context, get_logger
-from processor.merge import load_state, merge
+from processor.merge import Publication, current_kpis, merge
 from processor.model import CategoryKpi, OrderKpi
-from processor.pipeline import Validated, segment_for, validate_stream
+from processor.pipeline import Validated, merge_local, segment_for, validate_stream
 from processor.schema import detect_dataset, is_gzip
 from processor.settings import Settings
 from processor.stage import Segment, commit_manifest, file_id_for, is_committed
@@ -91,6 +91,7 @@ class Env:
         self.clients = make_clients(settings)
         self.s3 = S3Store(self.clients.s3, settings.bucket)
         self.staging: Store = S3StagingStore(self.s3, "staging", settings.work_dir / "staging-cache")
+        self.lease: Callable[[], None] | None = None  # renews the merge lock's lease while a merge holds it
 
     def ledger(self) -> Any:
         from processor.aws.dynamo import Ledger
@@ -248,16 +249,9 @@ def run_merge(
     settings: Settings, env: Env | None, local_staging: Path | None, force: tuple[str, str] | None
 ) -> dict[str, Any]:
     if env is None:
-        store: Store = LocalStore(local_staging or Path("shopkpi-staging"))
-        result, daily, category = merge(
-            store,
-            buckets=settings.buckets,
-            generation=load_state(store).generation + 1,
-            scratch=_work(settings) / "merge",
-            force_dates=force,
-            orphan_grace_s=settings.orphan_grace_s,
-            rows_per_pass=settings.merge_rows,
-        )
+        store = LocalStore(local_staging or Path("shopkpi-staging"))
+        result = merge_local(store, settings, _work(settings) / "merge", force)
+        daily, category = current_kpis(store)
         return {**msgspec.structs.asdict(result), "kpis": _kpis(daily, category)}
     ledger, tables = env.ledger(), env.kpi_tables()
     if ledger is None or tables is None:
@@ -265,37 +259,46 @@ def run_merge(
     owner = f"{settings.execution_id}/{uuid.uuid4().hex[:8]}"
     generation = ledger.acquire_lock(owner, settings.lock_ttl_s)
     started = datetime.now(UTC).isoformat()
+    # The lease is renewed with every heartbeat, so a long merge keeps it; a merge that lost it stops before its
+    # next write (fence) and never moves the head.
+    env.lease = lambda: ledger.renew_lock(owner, generation, settings.lock_ttl_s)
     try:
         computed_at = datetime.now(UTC).isoformat()
 
-        def publish(daily: list[OrderKpi], category: list[CategoryKpi], gen: int) -> int:
+        def fence() -> None:
             ledger.check_lock(owner, generation)
+
+        def publish(pub: Publication, gen: int) -> int:
+            fence()
             stats = tables.publish(
-                daily,
-                category,
+                pub.daily,
+                pub.category,
                 gen,
                 computed_at,
                 settings.execution_id,
-                fence=lambda: ledger.check_lock(owner, generation),
+                fence=fence,
+                remove_daily=pub.gone_daily,
+                remove_category=pub.gone_category,
+                reconcile=pub.reconcile,
             )
-            return int(stats.written)
+            return int(stats.written + stats.removed)
 
         with context(stage="merge"):
             result, _, _ = merge(
                 env.staging,
-                buckets=settings.buckets,
                 generation=generation,
                 scratch=_work(settings) / "merge",
                 publish=publish,
                 force_dates=force,
                 orphan_grace_s=settings.orphan_grace_s,
                 rows_per_pass=settings.merge_rows,
+                fence=fence,
             )
-            ledger.check_lock(owner, generation)  # the state pointer moved under our lease
         summary = msgspec.structs.asdict(result)
         ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
         return summary
     finally:
+        env.lease = None
         ledger.release_lock(owner, generation)
 
 
@@ -349,19 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextmanager
 def _heartbeat(env: Env | None, settings: Settings) -> Iterator[None]:
-    """While the task works, tell Step Functions it is alive (the state's HeartbeatSeconds catches a dead one)."""
+    """While the task works, tell Step Functions it is alive (the state's HeartbeatSeconds catches a dead one) and
+    renew the merge lock's lease, if the task holds it."""
     token = os.environ.get("SHOPKPI_TASK_TOKEN")
-    if not token or env is None:
+    if env is None:
         yield
         return
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(settings.heartbeat_s):
-            try:
-                env.clients.stepfunctions.send_task_heartbeat(taskToken=token)
-            except Exception as e:  # a missed beat is not fatal; the next one may pass
-                log.warning("task.heartbeat_failed", error=str(e))
+            if token:
+                try:
+                    env.clients.stepfunctions.send_task_heartbeat(taskToken=token)
+                except Exception as e:  # a missed beat is not fatal; the next one may pass
+                    log.warning("task.heartbeat_failed", error=str(e))
+            renew = env.lease
+            if renew is not None:
+                try:
+                    renew()
+                except Exception as e:  # lost: the merge's fence stops it before its next write
+                    log.warning("task.lease_renewal_failed", error=str(e))
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()

@@ -42,8 +42,9 @@ def print_files(files: Sequence[ValidationResult], merge: MergeResult | None = N
     if merge is not None:
         waiting = _counts({**merge.pending, **merge.late_rejects}) or "none"
         console.print(
-            f"merge: generation {merge.generation}, {merge.buckets_recomputed} buckets recomputed, "
-            f"{len(merge.dates)} dates changed, conflicts {merge.conflicts}, waiting/late: {waiting}"
+            f"merge: generation {merge.generation}, {merge.files_merged} files applied, "
+            f"{merge.groups_recomputed} orders recomputed, {len(merge.dates)} dates changed, "
+            f"{merge.removed_kpis} KPI items removed, conflicts {merge.conflicts}, waiting/rejected: {waiting}"
         )
 
 

@@ -279,15 +279,16 @@ class _Retrier:
 class _Entry:
     table: str
     key: tuple[str, str]  # (partition value, sort value)
-    item: Item
+    item: Item | None  # None: delete the item
     digest: str
 
 
 @dataclass(frozen=True, slots=True)
 class PublishStats:
     written: int  # items put
-    unchanged: int  # skipped: the stored digest equals the new one
+    unchanged: int  # skipped: the stored digest equals the new one (or a removal of an absent item)
     stale: int  # skipped: the stored item comes from a newer generation
+    removed: int = 0  # items deleted: their group no longer has rows
     daily_written: int = 0
     category_written: int = 0
 
@@ -327,6 +328,9 @@ class KpiTables:
         run_id: str,
         *,
         fence: Callable[[], None] | None = None,
+        remove_daily: Sequence[str] = (),
+        remove_category: Sequence[tuple[str, str]] = (),
+        reconcile: tuple[str, str] | None = None,
     ) -> PublishStats:
         """Write the KPIs of one merge, skipping items that are unchanged or owned by a newer generation.
 
@@ -346,6 +350,11 @@ class KpiTables:
         lease stops within one batch with :class:`~processor.errors.StaleWriter`. The one window left is a
         lease expiring *during* a single batch call (milliseconds, against a lease of minutes); items written
         in it carry the older generation, so the next publish of those keys replaces them.
+
+        Removals: ``remove_daily`` (dates) and ``remove_category`` ((category, date) pairs) are items whose group
+        no longer has rows; they are deleted under the same rule (an item a newer generation wrote stays).
+        ``reconcile=(from, to)`` also removes every stored item of that inclusive range that this publish does not
+        hold (a reprocess: whatever the store has, afterwards it holds exactly the recomputed range).
         """
         entries: dict[tuple[str, str, str], _Entry] = {}
 
@@ -363,6 +372,12 @@ class KpiTables:
             if not c.category:
                 raise ValueError(f"empty category on {c.order_date}: DynamoDB keys cannot be empty")
             add(self.category_table, (c.category, c.order_date), _category_item(c), _digest(c))
+        removals = {(self.order_table, d[:4], d) for d in remove_daily}
+        removals |= {(self.category_table, c, d) for c, d in remove_category}
+        if reconcile is not None:
+            removals |= self._extra_in_range(reconcile, entries)
+        for table, pk, sk in removals - set(entries):
+            entries[(table, pk, sk)] = _Entry(table, (pk, sk), None, "")
 
         stored = self._stored_versions(list(entries.values()))
         to_write: list[_Entry] = []
@@ -371,8 +386,8 @@ class KpiTables:
             old = stored.get(full_key)
             if old is not None and old[0] > generation:
                 stale += 1
-            elif old is not None and old[1] == entry.digest:
-                unchanged += 1
+            elif (old is not None and old[1] == entry.digest) or (old is None and entry.item is None):
+                unchanged += 1  # the same figures, or a removal of what is not there
             else:
                 to_write.append(entry)
 
@@ -382,14 +397,28 @@ class KpiTables:
             self._add_years(years)
         if to_write:
             self._parallel(lambda chunk: self._write_batch(chunk, fence), _chunks(to_write, _BATCH_WRITE_MAX))
-        daily_written = sum(1 for e in to_write if e.table == self.order_table)
+        daily_written = sum(1 for e in to_write if e.table == self.order_table and e.item is not None)
+        removed = sum(1 for e in to_write if e.item is None)
         return PublishStats(
-            written=len(to_write),
+            written=len(to_write) - removed,
+            removed=removed,
             unchanged=unchanged,
             stale=stale,
             daily_written=daily_written,
-            category_written=len(to_write) - daily_written,
+            category_written=len(to_write) - removed - daily_written,
         )
+
+    def _extra_in_range(
+        self, bounds: tuple[str, str], entries: dict[tuple[str, str, str], _Entry]
+    ) -> set[tuple[str, str, str]]:
+        """Stored items of the inclusive date range that ``entries`` does not hold."""
+        date_from, date_to = bounds
+        stored_days = [k.order_date for k in self.daily(date_from, date_to)]
+        days = set(stored_days) | {k[2] for k in entries if k[0] == self.order_table}
+        out = {(self.order_table, d[:4], d) for d in stored_days}
+        for cats in self._parallel(self._categories_of, sorted(days)):
+            out |= {(self.category_table, c.category, c.order_date) for c in cats}
+        return out - set(entries)
 
     def _stored_versions(self, entries: Sequence[_Entry]) -> dict[tuple[str, str, str], tuple[int, str]]:
         """(table, partition, sort) -> (generation, digest) of the items that exist."""
@@ -436,7 +465,12 @@ class KpiTables:
             fence()
         request: dict[str, list[Any]] = {}
         for e in chunk:
-            request.setdefault(e.table, []).append({"PutRequest": {"Item": e.item}})
+            if e.item is None:
+                pk, sk = self._key_names[e.table]
+                key = {pk: _s(e.key[0]), sk: _s(e.key[1])}
+                request.setdefault(e.table, []).append({"DeleteRequest": {"Key": key}})
+            else:
+                request.setdefault(e.table, []).append({"PutRequest": {"Item": e.item}})
         for attempt in range(self._retry.max_attempts):
             with aws_call("dynamodb.batch_write_item", tables=sorted(request)):
                 response = self.client.batch_write_item(RequestItems=request)
@@ -810,6 +844,32 @@ class Ledger:
                 raise
             raise LockBusy("merge lock taken over while it was being acquired", owner=owner) from None
         return generation
+
+    def renew_lock(self, owner: str, generation: int, ttl_s: float) -> None:
+        """Extend the lease of ``owner``'s lock (the one that returned ``generation``) to ``ttl_s`` from now.
+
+        Raises :class:`~processor.errors.StaleWriter` when the lease was lost or has already expired: a lapsed
+        lease is never revived, since another merge may have taken the lock in the meantime."""
+        now = self._clock()
+        try:
+            with aws_call("dynamodb.update_item", table=self.table, pk="LOCK#merge", owner=owner):
+                self.client.update_item(
+                    TableName=self.table,
+                    Key=_LOCK_KEY,
+                    UpdateExpression="SET #e = :e",
+                    ConditionExpression="#o = :o AND #g = :g AND #e > :now",
+                    ExpressionAttributeNames={"#o": "owner", "#g": "generation", "#e": "expires_at"},
+                    ExpressionAttributeValues={
+                        ":o": _s(owner),
+                        ":g": _n(generation),
+                        ":e": _n(_epoch(now + ttl_s)),
+                        ":now": _n(_epoch(now)),
+                    },
+                )
+        except AwsError as e:
+            if not _condition_failed(e):
+                raise
+            raise StaleWriter("merge lock lease lost before it could be renewed", owner=owner) from None
 
     def lock_holder(self) -> dict[str, Any] | None:
         """The lock record (owner, expires_at epoch seconds, generation...), even if expired; None if free."""

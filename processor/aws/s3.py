@@ -7,6 +7,7 @@ and :meth:`S3Store.iter_chunks` streams an object's body.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from processor.errors import AwsError, ConfigError, NotFound
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["CHUNK_SIZE", "ObjectInfo", "S3Store", "is_s3_uri", "join_uri", "split_uri"]
+__all__ = ["CHUNK_SIZE", "ObjectInfo", "RangedObject", "S3Store", "is_s3_uri", "join_uri", "split_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,20 @@ class S3Store:
                 yield from body.iter_chunks(chunk_size)
             finally:
                 body.close()
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of ``key``: one ranged GET."""
+        with aws_call("s3.get_object", bucket=self.bucket, key=key, range=f"{start}-{end - 1}"):
+            body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+    def open_ranged(self, key: str) -> RangedObject:
+        """A seekable reader of ``key`` that fetches only what is read (a Parquet reader reads a footer and some
+        row groups: a few ranged GETs instead of the whole object)."""
+        return RangedObject(self, key, self.head(key).size)
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
@@ -237,3 +252,36 @@ class S3Store:
         """Delete ``key``; deleting a missing key is not an error (S3 semantics)."""
         with aws_call("s3.delete_object", bucket=self.bucket, key=key):
             self.client.delete_object(Bucket=self.bucket, Key=key)
+
+
+class RangedObject(io.RawIOBase):
+    """A read-only, seekable view of one S3 object; each read is a ranged GET (wrap it in a BufferedReader)."""
+
+    def __init__(self, store: S3Store, key: str, size: int) -> None:
+        self._store = store
+        self._key = key
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self._size, self._pos + len(buffer))
+        if end <= self._pos:
+            return 0
+        data = self._store.get_range(self._key, self._pos, end)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

@@ -1,11 +1,12 @@
-"""The correctness invariant of SPEC section 3, as a property test.
+"""The correctness invariant of SPEC section 3, as property tests on what the KPI tables hold.
 
 Hypothesis generates a small shop (products, orders, items), revised versions of some rows, and a delivery plan: the
 rows split into files at random, the files shuffled, some re-delivered verbatim, items arriving before their orders
-and products, revisions arriving later. The processor's KPIs, after every file of the plan, must equal those of an
-independent brute-force reference (``tests/reference.py``: plain Python, none of the processor's code) over the same
-files in the same order. Some plans are processed in two runs over one staging area (incremental merges), so the
-incremental path is held to the same answer as a single run.
+and products, revisions arriving later -- orders moved to another date, products moved to another category, items
+moved to another order, so that groups vanish. The files are merged in batches (several incremental merges over one
+staging area, sometimes a merge with nothing new). Every publish of every merge -- writes and removals, in order --
+is applied to a simulated KPI table, which must equal an independent brute-force reference (``tests/reference.py``:
+plain Python, none of the processor's code) over the files delivered so far, after every batch.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processor.pipeline import process_local
+from processor.merge import Publication, merge
+from processor.pipeline import all_kpis, process_local, stage_local
 from processor.schema import DATASETS
 from processor.settings import Settings
+from processor.store import LocalStore
 from tests.reference import reference_kpis
 
 CATEGORIES = ["Books", "Toys", "Garden"]
@@ -32,7 +35,7 @@ ZONES = ["", "Z", "+02:00", "-05:00"]
 @dataclass
 class Plan:
     deliveries: list[tuple[str, list[dict[str, Any]]]]  # (dataset, rows) in arrival order
-    split_at: int  # deliveries before this index go in a first run, the rest in a second
+    batches: list[int]  # how many deliveries each merge takes (0: a merge with nothing new)
 
 
 def _ts(day: int, minute: int, zone: str) -> str:
@@ -84,8 +87,7 @@ def plans(draw: st.DrawFn) -> Plan:
             }
         )
 
-    # Revisions: later versions of some rows (the later arrival must win). An item keeps its order_id: see
-    # docs/processing.md on re-parented items.
+    # Revisions: later versions of some rows (the later arrival must win), some moving a row to another group.
     revisions: list[tuple[str, dict[str, Any]]] = []
     for row in draw(st.lists(st.sampled_from(orders), max_size=3, unique_by=lambda r: r["order_id"])):
         revisions.append(
@@ -101,6 +103,9 @@ def plans(draw: st.DrawFn) -> Plan:
     if items:
         for row in draw(st.lists(st.sampled_from(items), max_size=3, unique_by=lambda r: r["id"])):
             revisions.append(("order_items", {**row, "sale_price": "1.25", "status": "returned"}))
+        for row in draw(st.lists(st.sampled_from(items), max_size=2, unique_by=lambda r: r["id"])):
+            target = draw(st.sampled_from(orders))  # re-parented: the item now belongs to another order
+            revisions.append(("order_items", {**row, "order_id": target["order_id"], "user_id": target["user_id"]}))
     for row in draw(st.lists(st.sampled_from(products), max_size=2, unique_by=lambda r: r["id"])):
         revisions.append(("products", {**row, "category": draw(st.sampled_from(CATEGORIES))}))
 
@@ -117,7 +122,12 @@ def plans(draw: st.DrawFn) -> Plan:
         deliveries.append((dataset, [row]))
     for i in draw(st.lists(st.integers(0, len(deliveries) - 1), max_size=3)):  # verbatim re-deliveries
         deliveries.insert(draw(st.integers(i + 1, len(deliveries))), deliveries[i])
-    return Plan(deliveries, split_at=draw(st.integers(0, len(deliveries))))
+    batches: list[int] = []
+    while sum(batches) < len(deliveries):
+        batches.append(min(draw(st.integers(1, 4)), len(deliveries) - sum(batches)))
+        if draw(st.integers(0, 5)) == 5:
+            batches.append(0)  # a merge with nothing new changes nothing
+    return Plan(deliveries, batches)
 
 
 def _write(folder: Path, n: int, dataset: str, rows: list[dict[str, Any]]) -> Path:
@@ -128,15 +138,71 @@ def _write(folder: Path, n: int, dataset: str, rows: list[dict[str, Any]]) -> Pa
     return path
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+class KpiTable:
+    """What a KPI store holds after a sequence of publishes: items put, items removed, ranges reconciled."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def publish(self, pub: Publication, generation: int) -> int:
+        if pub.reconcile is not None:
+            lo, hi = pub.reconcile
+            for key in [k for k in self.items if lo <= k[-1] <= hi]:
+                del self.items[key]
+        for k in pub.daily:
+            self.items[("daily", k.order_date)] = k.public()
+        for c in pub.category:
+            self.items[("category", c.category, c.order_date)] = c.public()
+        for d in pub.gone_daily:
+            self.items.pop(("daily", d), None)
+        for cat, d in pub.gone_category:
+            self.items.pop(("category", cat, d), None)
+        return len(pub.daily) + len(pub.category)
+
+    def kpis(self) -> dict[str, list[dict[str, Any]]]:
+        daily = [v for k, v in sorted(self.items.items()) if k[0] == "daily"]
+        category = sorted(
+            (v for k, v in self.items.items() if k[0] == "category"), key=lambda v: (v["order_date"], v["category"])
+        )
+        return {"daily": daily, "category": category}
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example]
+)
 @given(plans())
-def test_kpis_equal_brute_force_reference_for_any_arrival_order_split_and_redelivery(plan: Plan) -> None:
+def test_stored_kpis_equal_brute_force_reference_after_every_merge(plan: Plan) -> None:
     root = Path(tempfile.mkdtemp(prefix="shopkpi-prop-"))
     try:
         files = [_write(root, n, dataset, rows) for n, (dataset, rows) in enumerate(plan.deliveries)]
         config = Settings.load(env={}, buckets=3, work_dir=root / "work")
-        process_local(files[: plan.split_at], root / "staging", config)
-        run = process_local(files[plan.split_at :], root / "staging", config)
+        store = LocalStore(root / "staging")
+        table = KpiTable()
+        done = 0
+        for size in plan.batches:
+            stage_local(files[done : done + size], store, config, root / "work")
+            done += size
+            merge(store, generation=0, scratch=root / "merge", publish=table.publish, rows_per_pass=7)
+            assert table.kpis() == reference_kpis(files[:done])
+        daily, category = all_kpis(store)
+        expected = reference_kpis(files)
+        assert [k.public() for k in daily] == expected["daily"]
+        assert [k.public() for k in category] == expected["category"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example]
+)
+@given(plans())
+def test_one_run_equals_many_merges(plan: Plan) -> None:
+    """The same files in one ``shopkpi process`` call: the same KPIs as the batched merges above."""
+    root = Path(tempfile.mkdtemp(prefix="shopkpi-prop-"))
+    try:
+        files = [_write(root, n, dataset, rows) for n, (dataset, rows) in enumerate(plan.deliveries)]
+        config = Settings.load(env={}, buckets=3, work_dir=root / "work")
+        run = process_local(files, root / "staging", config)
         expected = reference_kpis(files)
         assert [k.public() for k in run.daily] == expected["daily"]
         assert [k.public() for k in run.category] == expected["category"]

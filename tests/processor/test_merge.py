@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from processor.merge import STATE_KEY, load_state, merge
-from processor.model import CategoryKpi, OrderKpi
+from processor.merge import HEAD_KEY, Publication, load_head, merge
 from processor.pipeline import LocalRun, all_kpis, process_local, stage_local
 from processor.settings import Settings
 from processor.store import LocalStore
@@ -18,6 +18,15 @@ from tests.processor.conftest import WriteCsv, item, order, product
 
 def run(paths: list[Path], staging: Path, settings: Settings) -> LocalRun:
     return process_local(paths, staging, settings)
+
+
+def one_order(write_csv: WriteCsv) -> list[Path]:
+    """A shop of one book, one order of 2025-03-01 and one item of 4.00."""
+    return [
+        write_csv("products.csv", [product(1, "Books")]),
+        write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]),
+        write_csv("order_items.csv", [item(1, 10, 100, 1, "4.00")]),
+    ]
 
 
 def test_late_order_file_completes_pending_items(write_csv: WriteCsv, tmp_path: Path, settings: Settings) -> None:
@@ -76,11 +85,7 @@ def test_later_file_wins_on_conflicting_key_and_conflict_is_counted(
 ) -> None:
     staging = tmp_path / "staging"
     run(
-        [
-            write_csv("products.csv", [product(1, "Books")]),
-            write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]),
-            write_csv("order_items.csv", [item(1, 10, 100, 1, "4.00")]),
-        ],
+        one_order(write_csv),
         staging,
         settings,
     )
@@ -103,11 +108,7 @@ def test_product_recategorised_moves_revenue_between_categories(
 ) -> None:
     staging = tmp_path / "staging"
     run(
-        [
-            write_csv("products.csv", [product(1, "Books")]),
-            write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]),
-            write_csv("order_items.csv", [item(1, 10, 100, 1, "4.00")]),
-        ],
+        one_order(write_csv),
         staging,
         settings,
     )
@@ -137,7 +138,7 @@ def test_files_split_in_parts_give_the_same_kpis_as_one_file(
     assert split.daily == whole.daily and split.category == whole.category
 
 
-def test_crash_before_state_pointer_moves_is_repaired_by_next_merge(
+def test_crash_before_the_head_moves_is_repaired_by_next_merge(
     write_csv: WriteCsv, tmp_path: Path, settings: Settings
 ) -> None:
     staging = tmp_path / "staging"
@@ -151,24 +152,25 @@ def test_crash_before_state_pointer_moves_is_repaired_by_next_merge(
     )
     store = LocalStore(staging)
     stage_local([write_csv("order_items.csv", [item(1, 10, 100, 1, "4.00")])], store, settings, tmp_path / "w")
-    before = store.get_bytes(STATE_KEY)
+    before = store.get_bytes(HEAD_KEY)
 
     def crash(*_: object) -> int:
         raise RuntimeError("killed while publishing")
 
     with pytest.raises(RuntimeError):
-        merge(store, buckets=4, generation=0, scratch=tmp_path / "m", publish=crash)
-    assert store.get_bytes(STATE_KEY) == before  # the pointer did not move: nothing half-done is in force
-    published: list[tuple[int, int]] = []
+        merge(store, generation=0, scratch=tmp_path / "m", publish=crash)
+    assert store.get_bytes(HEAD_KEY) == before  # the head did not move: nothing half-done is in force
+    published: list[Publication] = []
 
-    def keep(daily: list[OrderKpi], category: list[CategoryKpi], generation: int) -> int:
-        published.append((generation, len(daily)))
-        return len(daily) + len(category)
+    def keep(pub: Publication, generation: int) -> int:
+        published.append(pub)
+        return len(pub.daily) + len(pub.category)
 
-    result, daily, _ = merge(store, buckets=4, generation=0, scratch=tmp_path / "m", publish=keep)
-    assert published == [(result.generation, 1)]
-    assert result.dates == ["2025-03-01"]  # the same dates found again, since the old partials are still current
+    result, daily, _ = merge(store, generation=0, scratch=tmp_path / "m", publish=keep)
+    assert [[k.order_date for k in p.daily] for p in published] == [["2025-03-01"]]
+    assert result.dates == ["2025-03-01"]  # the same delivery applied again from the old head
     assert daily[0].total_revenue == Decimal("4.00")
+    assert all_kpis(store)[0] == daily
 
 
 def test_reprocessing_unchanged_inputs_recomputes_nothing(
@@ -176,22 +178,18 @@ def test_reprocessing_unchanged_inputs_recomputes_nothing(
 ) -> None:
     staging = tmp_path / "staging"
     first = run(
-        [
-            write_csv("products.csv", [product(1, "Books")]),
-            write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]),
-            write_csv("order_items.csv", [item(1, 10, 100, 1, "4.00")]),
-        ],
+        one_order(write_csv),
         staging,
         settings,
     )
     store = LocalStore(staging)
-    gen = load_state(store).generation
+    head = store.get_bytes(HEAD_KEY)
     result, daily, category = merge(
-        store, buckets=4, generation=0, scratch=tmp_path / "m", force_dates=("2025-03-01", "2025-03-31")
+        store, generation=0, scratch=tmp_path / "m", force_dates=("2025-03-01", "2025-03-31")
     )
-    assert result.buckets_recomputed == 0 and result.dates == ["2025-03-01"]
+    assert result.groups_recomputed == 0 and result.dates == ["2025-03-01"]
     assert daily == first.daily and category == first.category
-    assert load_state(store).generation == gen  # no new partials: the state pointer did not move
+    assert store.get_bytes(HEAD_KEY) == head  # nothing new: the head did not move
     assert all_kpis(store) == (first.daily, first.category)
 
 
@@ -201,9 +199,107 @@ def test_items_waiting_past_the_grace_period_are_reported_as_orphans(
     staging = tmp_path / "staging"
     run([write_csv("order_items.csv", [item(1, 10, 100, 1, "4.00")])], staging, settings)
     store = LocalStore(staging)
-    soon, _, _ = merge(store, buckets=4, generation=0, scratch=tmp_path / "m", orphan_grace_s=3600)
+    soon, _, _ = merge(store, generation=0, scratch=tmp_path / "m", orphan_grace_s=3600)
     assert soon.orphans == {}
     later = datetime.now(UTC) + timedelta(hours=2)
-    result, _, _ = merge(store, buckets=4, generation=0, scratch=tmp_path / "m", orphan_grace_s=3600, now=later)
+    result, _, _ = merge(store, generation=0, scratch=tmp_path / "m", orphan_grace_s=3600, now=later)
     assert result.orphans == {"orphan_order": 1}
     assert result.pending == {"waiting_order": 1}  # reported, never dropped: it still counts if the order comes
+
+
+def test_item_resent_under_another_order_counts_once_in_its_new_order(
+    write_csv: WriteCsv, tmp_path: Path, settings: Settings
+) -> None:
+    staging = tmp_path / "staging"
+    run(
+        [
+            write_csv("products.csv", [product(1, "Jewelry")]),
+            write_csv("orders.csv", [order(1, 100, "2025-03-01T08:00:00"), order(2, 100, "2025-03-01T09:00:00")]),
+            write_csv("order_items_1.csv", [item(1, 1, 100, 1, "10.00")]),
+        ],
+        staging,
+        settings,
+    )
+    r = run([write_csv("order_items_2.csv", [item(1, 2, 100, 1, "10.00")])], staging, settings)
+    [k] = r.daily
+    assert (k.total_items_sold, k.total_revenue) == (1, Decimal("10.00"))
+    assert r.merge.conflicts == 1  # the same item id with another order_id: logged, the later file wins
+    [c] = r.category
+    assert (c.orders, c.items) == (1, 1)
+
+
+def test_vanished_groups_are_published_as_removals(write_csv: WriteCsv, tmp_path: Path, settings: Settings) -> None:
+    staging = tmp_path / "staging"
+    run(
+        one_order(write_csv),
+        staging,
+        settings,
+    )
+    store = LocalStore(staging)
+    stage_local(
+        [
+            write_csv("products_v2.csv", [product(1, "Comics")], folder="b"),
+            write_csv("orders_v2.csv", [order(10, 100, "2025-03-05T08:00:00")], folder="b"),
+        ],
+        store,
+        settings,
+        tmp_path / "w",
+    )
+    seen: list[Publication] = []
+    merge(store, generation=0, scratch=tmp_path / "m", publish=lambda p, g: seen.append(p) or 0)
+    [pub] = seen
+    assert pub.gone_daily == ["2025-03-01"] and pub.gone_category == [("Books", "2025-03-01")]
+    assert [(k.order_date, k.total_orders) for k in pub.daily] == [("2025-03-05", 1)]
+    assert [(c.category, c.order_date) for c in pub.category] == [("Comics", "2025-03-05")]
+
+
+def test_rows_rejected_at_merge_time_are_kept_with_file_line_reason_and_values(
+    write_csv: WriteCsv, tmp_path: Path, settings: Settings
+) -> None:
+    staging = tmp_path / "staging"
+    items_file = write_csv("order_items.csv", [item(1, 10, 100, 1, "1.00"), item(2, 10, 999, 1, "2.50")])
+    r = run(
+        [
+            write_csv("products.csv", [product(1, "Books")]),
+            write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]),
+            items_file,
+        ],
+        staging,
+        settings,
+    )
+    assert r.merge.late_rejects == {"user_mismatch": 1}
+    [report] = load_head(LocalStore(staging)).rejects
+    rows = list(csv.DictReader((staging / report).open()))
+    assert [(row["source"], row["_line"], row["_reason"], row["_column"]) for row in rows] == [
+        (str(items_file.resolve()), "3", "user_mismatch", "user_id")
+    ]
+    assert (rows[0]["user_id"], rows[0]["order_user_id"], rows[0]["sale_price"]) == ("999", "100", "2.5")
+    # The order is corrected to the item's user: the item counts, and the state no longer holds a reject.
+    fixed = run([write_csv("orders_fix.csv", [order(10, 999, "2025-03-01T08:00:00")], folder="b")], staging, settings)
+    assert fixed.merge.late_rejects == {"user_mismatch": 1}  # now item 1 disagrees with its order's new user
+    assert fixed.daily[0].total_revenue == Decimal("2.50")
+
+
+def test_merge_applies_only_the_delivery_and_compacts_as_it_grows(
+    write_csv: WriteCsv, tmp_path: Path, settings: Settings
+) -> None:
+    staging = tmp_path / "staging"
+    run([write_csv("products.csv", [product(1, "Books")])], staging, settings)
+    for n in range(1, 13):
+        r = run(
+            [
+                write_csv(f"orders_{n}.csv", [order(n, 100 + n, f"2025-03-{n:02d}T08:00:00")], folder=f"d{n}"),
+                write_csv(f"order_items_{n}.csv", [item(n, n, 100 + n, 1, "1.00")], folder=f"d{n}"),
+            ],
+            staging,
+            settings,
+        )
+        assert r.merge.files_merged == 2 and r.merge.groups_recomputed == 1
+    head = load_head(LocalStore(staging))
+    assert all(len(runs) <= 3 for runs in head.tables.values())  # size-tiered: a few runs, not one per merge
+    assert len(r.daily) == 12 and r.merge.state_rows["order_items"] == 12
+    # Only what the head names is left: superseded files and merged segments are gone.
+    files = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()}
+    assert not any(f.startswith("segments/") for f in files)
+    named = {f.key for runs in head.tables.values() for run in runs for f in run}
+    assert {f for f in files if f.endswith(".parquet") and "/orders-" in f} <= named
