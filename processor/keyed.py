@@ -20,8 +20,9 @@ the merge deletes files that the committed state no longer names.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -30,7 +31,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from processor.store import Store
+from processor.store import LocalStore, Store
 
 #: Rows per Parquet row group: the unit a lookup reads. Small enough that a few thousand keys spread over a big
 #: table read a small share of it; large enough that the footer stays small.
@@ -51,6 +52,10 @@ class TableFile(msgspec.Struct, frozen=True, kw_only=True):
     lo: int
     hi: int
     bloom: str | None = None
+    #: The residues ``first key mod TableSpec.modulus`` present in the file, when they are not all of them: a
+    #: lookup skips a file that cannot hold its keys without even probing the Bloom filter (a first load's steps
+    #: each write one range of staging buckets).
+    parts: list[int] | None = None
 
 
 Run = list[TableFile]
@@ -64,6 +69,7 @@ class TableSpec:
     lookup: tuple[str, ...]  # the columns lookups give (a prefix of full_key); the Bloom filter is on them
     additive: bool = False  # rows carry a weight that adds across files; else the newest file's row wins
     deletes: bool = False  # latest tables only: rows with _del = true remove the key
+    modulus: int = 0  # > 0: files record which residues of their first key they hold (the staging buckets)
 
     @property
     def first(self) -> str:
@@ -92,30 +98,36 @@ def key_hash(frame: pl.DataFrame, columns: Sequence[str]) -> np.ndarray:
 
 
 class Bloom:
-    """A Bloom filter over 64-bit hashes, two probes, stored as raw bytes (numpy, vectorised both ways)."""
+    """A blocked Bloom filter over 64-bit hashes: both probes of a key fall in one 64-bit word, so a test costs one
+    memory access (plain two-probe filters spend most of their time on cache misses). Stored as raw bytes."""
 
     def __init__(self, bits: np.ndarray) -> None:
-        self.bits = bits  # uint8, length a power of two
-        self.mask = np.uint64(bits.size * 8 - 1)
+        self.bits = bits  # the words' bytes, as stored
+        self.words = bits.view(np.uint64)
 
     @classmethod
     def build(cls, hashes: np.ndarray) -> Bloom:
-        size = 1 << max(10, int(np.ceil(np.log2(max(1, hashes.size) * BLOOM_BITS_PER_KEY))))
-        flags = np.zeros(size, dtype=bool)
-        for pos in cls._probes(hashes, np.uint64(size - 1)):
-            flags[pos] = True
-        return cls(np.packbits(flags, bitorder="little"))
+        size = 1 << max(4, int(np.ceil(np.log2(max(1, hashes.size) * BLOOM_BITS_PER_KEY / 64))))
+        words = np.zeros(size, dtype=np.uint64)
+        word, first, second = cls._probes(hashes, size)
+        np.bitwise_or.at(words, word, np.take(_BIT, first) | np.take(_BIT, second))
+        return cls(words.view(np.uint8))
 
     @staticmethod
-    def _probes(hashes: np.ndarray, mask: np.uint64) -> tuple[np.ndarray, np.ndarray]:
-        with np.errstate(over="ignore"):
-            return (hashes & mask).astype(np.int64), (_mix(hashes) & mask).astype(np.int64)
+    def _probes(hashes: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        word = (hashes & np.uint64(words - 1)).view(np.int64)
+        first = ((hashes >> np.uint64(40)) & np.uint64(63)).view(np.int64)
+        second = ((hashes >> np.uint64(52)) & np.uint64(63)).view(np.int64)
+        return word, first, second
 
     def may_contain(self, hashes: np.ndarray) -> np.ndarray:
-        hit = np.ones(hashes.size, dtype=bool)
-        for pos in self._probes(hashes, self.mask):
-            hit &= ((self.bits[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).astype(bool)
+        word, first, second = self._probes(hashes, self.words.size)
+        want = np.take(_BIT, first) | np.take(_BIT, second)
+        hit: np.ndarray = np.take(self.words, word) & want == want
         return hit
+
+
+_BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
 
 
 class KeyedTable:
@@ -130,6 +142,8 @@ class KeyedTable:
         self._blooms: dict[str, Bloom] = {}
         self._footers: dict[str, tuple[pq.FileMetaData, np.ndarray, np.ndarray]] = {}
         self._run_open = False  # whether this merge has started its run yet
+        self._pending: KeyedTable | None = None  # deferred rows (see defer)
+        self._bloomless = False
 
     @property
     def files(self) -> list[TableFile]:
@@ -143,23 +157,28 @@ class KeyedTable:
         return pl.DataFrame(schema=self.spec.schema)
 
     # --- reads ------------------------------------------------------------------------------------------------
-    def lookup(self, keys: pl.DataFrame) -> pl.DataFrame:
-        """The current rows whose ``spec.lookup`` columns equal a row of ``keys`` (resolved across files)."""
+    def lookup(self, keys: pl.DataFrame, *, files: int | None = None) -> pl.DataFrame:
+        """The current rows whose ``spec.lookup`` columns equal a row of ``keys`` (resolved across files).
+
+        ``files=n`` looks in the n oldest files only: the table as it was before the files a caller knows cannot
+        hold these keys."""
         cols = list(self.spec.lookup)
-        keys = keys.select(cols).unique()
-        if keys.is_empty() or not self.runs:
+        if keys.is_empty() or not self.files[:files]:
             return self.empty()
+        keys = keys.select(cols).unique()
         hashes = key_hash(keys, cols)
         first = keys.get_column(self.spec.first).to_numpy()
+        residues = first % self.spec.modulus if self.spec.modulus else None
         found: list[pl.DataFrame] = []
-        for age, f in enumerate(self.files):
+        for age, f in enumerate(self.files[:files]):
             inside = (first >= f.lo) & (first <= f.hi)
+            if f.parts is not None and residues is not None:
+                inside &= np.isin(residues, f.parts)
             if f.bloom is not None and inside.any():
                 inside[inside] = self._bloom(f).may_contain(hashes[inside])
             if inside.any():
-                rows = self._read(f, np.unique(first[inside]))
+                rows = self._read(f, np.unique(first[inside]), keys.filter(pl.Series(inside)))
                 if rows.height:
-                    rows = rows.join(keys.filter(pl.Series(inside)), on=cols, how="semi")
                     found.append(rows.with_columns(pl.lit(age, pl.Int32).alias("_age")))
         return self._resolve(found)
 
@@ -198,19 +217,35 @@ class KeyedTable:
             self._blooms[f.bloom] = Bloom(np.frombuffer(data, dtype=np.uint8))
         return self._blooms[f.bloom]
 
-    def _read(self, f: TableFile, wanted: np.ndarray) -> pl.DataFrame:
-        """The row groups of ``f`` whose key range holds one of the sorted ``wanted`` values."""
+    def _read(self, f: TableFile, wanted: np.ndarray, keys: pl.DataFrame | None = None) -> pl.DataFrame:
+        """The rows of ``f`` whose first key is in the sorted ``wanted`` (and, given ``keys``, whose lookup columns
+        equal a row of it).
+
+        Two passes over the row groups whose key range may hold a wanted value: first their lookup columns only,
+        to find the groups that really hold one (a Bloom filter's false positives cost only this), then the whole
+        rows of those groups."""
         with self.store.open(f.key) as handle:
             md, lows, highs = self._footer(f, handle)
             hit = np.searchsorted(wanted, lows, "left") < np.searchsorted(wanted, highs, "right")
-            groups = np.flatnonzero(hit).tolist()
-            if not groups:
+            groups = np.flatnonzero(hit)
+            if not groups.size:
                 return self.empty()
             pf = pq.ParquetFile(handle, metadata=md)
-            table = pf.read_row_groups(groups)
+            cols = list(self.spec.lookup)
+            probe = pl.from_arrow(pf.read_row_groups(groups.tolist(), columns=cols))
+            assert isinstance(probe, pl.DataFrame)
+            sizes = np.array([md.row_group(int(g)).num_rows for g in groups])
+            owner = np.repeat(groups, sizes)
+            if keys is None:
+                keys = pl.DataFrame({self.spec.first: wanted})
+            found = probe.with_row_index("_i").join(keys, on=cols, how="semi").get_column("_i").to_numpy()
+            needed = np.unique(owner[found])
+            if not needed.size:
+                return self.empty()
+            table = pf.read_row_groups(needed.tolist())
         frame = pl.from_arrow(table)
         assert isinstance(frame, pl.DataFrame)
-        return frame.filter(pl.col(self.spec.first).is_in(pl.Series(wanted).implode()))
+        return frame.join(keys, on=cols, how="semi")
 
     def _footer(self, f: TableFile, handle: IO[bytes]) -> tuple[pq.FileMetaData, np.ndarray, np.ndarray]:
         """The file's Parquet footer and its row groups' key ranges (cached: files never change)."""
@@ -253,6 +288,35 @@ class KeyedTable:
             self._run_open = True
         self.runs[-1].append(self._write(rows, scratch))
 
+    def defer(self, rows: pl.DataFrame, scratch: Path) -> None:
+        """Add ``rows`` to this merge's run, but only at :meth:`flush`: lookups meanwhile do not see them.
+
+        For tables whose lookups during a merge never need the merge's own rows. The rows wait in local files and
+        :meth:`flush` writes them as files of disjoint key ranges, so a key later checks one file per run, where
+        a first load's steps would otherwise leave many files that all span the whole key range."""
+        if rows.is_empty():
+            return
+        if self._pending is None:
+            local = scratch / f"deferred-{self.spec.name}"
+            shutil.rmtree(local, ignore_errors=True)
+            self._pending = KeyedTable(LocalStore(local), replace(self.spec, modulus=0), [], "d")
+            self._pending._bloomless = True
+        self._pending.append(rows, scratch)
+
+    def flush(self, scratch: Path, rows_per_file: int) -> list[TableFile]:
+        """Write the deferred rows into the store (see :meth:`defer`); returns the new files."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        files = pending._merge_runs(pending.runs, scratch, bottom=False, rows_per_file=rows_per_file, dest=self)
+        shutil.rmtree(pending.store.local_path("."), ignore_errors=True)
+        if files:
+            if not self._run_open:
+                self.runs.append([])
+                self._run_open = True
+            self.runs[-1].extend(files)
+        return files
+
     def _write(self, rows: pl.DataFrame, scratch: Path) -> TableFile:
         frame = rows.select(list(self.spec.schema)).cast(self.spec.schema).sort(list(self.spec.full_key))  # type: ignore[arg-type]
         self._serial += 1
@@ -263,11 +327,17 @@ class KeyedTable:
         self.store.put_file(local, name + ".parquet")
         local.unlink()
         bloom = None
-        if frame.height >= BLOOM_MIN_ROWS:
+        if frame.height >= BLOOM_MIN_ROWS and not self._bloomless:
             bloom = name + ".bloom"
             self.store.put_bytes(bloom, Bloom.build(key_hash(frame, self.spec.lookup)).bits.tobytes())
         first = frame.get_column(self.spec.first).to_numpy()
-        return TableFile(key=name + ".parquet", rows=frame.height, lo=int(first[0]), hi=int(first[-1]), bloom=bloom)
+        parts = None
+        if self.spec.modulus:
+            present = np.flatnonzero(np.bincount(first % self.spec.modulus, minlength=self.spec.modulus))
+            parts = present.tolist() if present.size < self.spec.modulus else None
+        return TableFile(
+            key=name + ".parquet", rows=frame.height, lo=int(first[0]), hi=int(first[-1]), bloom=bloom, parts=parts
+        )
 
     def compact(self, scratch: Path, *, fanout: int = 4, max_runs: int = 6, rows_per_file: int = 2_000_000) -> bool:
         """Merge the newest runs while they are within ``fanout`` of the run below (or there are too many runs).
@@ -290,7 +360,11 @@ class KeyedTable:
         self.runs = [*self.runs[:-take], self._merge_runs(inputs, scratch, bottom, rows_per_file)]
         return True
 
-    def _merge_runs(self, runs: list[Run], scratch: Path, bottom: bool, rows_per_file: int) -> Run:
+    def _merge_runs(
+        self, runs: list[Run], scratch: Path, bottom: bool, rows_per_file: int, dest: KeyedTable | None = None
+    ) -> Run:
+        """Rewrite ``runs`` as files of disjoint key ranges (into ``dest``'s store, default this table's)."""
+        dest = dest or self
         files = [f for run in runs for f in run]
         bounds = self._ranges(files, rows_per_file)
         out: Run = []
@@ -307,7 +381,7 @@ class KeyedTable:
             merged = self._resolve_lazy(pl.concat(parts, how="vertical_relaxed").lazy(), keep_deleted=not bottom)
             frame = merged.collect()
             if frame.height:
-                out.append(self._write(frame, scratch))
+                out.append(dest._write(frame, scratch))
         return out
 
     def _read_range(self, f: TableFile, lo: int, hi: int) -> pl.DataFrame:

@@ -230,8 +230,8 @@ def delta(new: Contribution, old: Contribution) -> Contribution:
     return Contribution(mismatched=fresh, **out)
 
 
-def add(aggregate: pl.DataFrame, change: pl.DataFrame, key: list[str], alive: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """``aggregate + change`` by ``key``; rows whose ``alive`` measure falls to 0 are dropped (their group is gone).
+def add(aggregate: pl.DataFrame, change: pl.DataFrame, key: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``aggregate + change`` by ``key``; rows whose measures all fall to 0 are dropped (their group is gone).
 
     Returns the new aggregate and the keys that were dropped."""
     if change.is_empty():
@@ -244,11 +244,12 @@ def add(aggregate: pl.DataFrame, change: pl.DataFrame, key: list[str], alive: st
         .select(aggregate.columns)
         .cast(aggregate.schema)  # type: ignore[arg-type]
     )
-    gone = merged.filter(pl.col(alive) == 0)
+    zero = pl.all_horizontal(pl.col(c) == 0 for c in aggregate.columns if c not in key)
+    gone = merged.filter(zero)
     bad = merged.filter(pl.any_horizontal(pl.col(m) < 0 for m in measures if m in merged.columns))
     if not bad.is_empty():
         raise ValueError(f"negative aggregate after a delta (the state is inconsistent): {bad.head(3).to_dicts()}")
-    return merged.filter(pl.col(alive) != 0), gone.select(key)
+    return merged.filter(~zero), gone.select(key)
 
 
 def order_kpis(daily: pl.DataFrame) -> list[OrderKpi]:

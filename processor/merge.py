@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -51,12 +52,19 @@ HEAD_KEY = "state/head.json"
 #: Staged rows (orders + items) applied in one step; bounds the merge's memory.
 ROWS_PER_PASS = 2_000_000
 
-SPECS = {
-    "orders": TableSpec("orders", K.ORDER_STATE, ("order_id",), ("order_id",)),
-    "items": TableSpec("items", K.ITEM_INDEX, ("id",), ("id",)),
-    "order_items": TableSpec("order_items", K.ORDER_ITEMS, ("order_id", "id"), ("order_id",), deletes=True),
-    "users": TableSpec("users", K.USERS, ("user_id", "order_date"), ("user_id", "order_date"), additive=True),
-}
+
+def specs(buckets: int) -> dict[str, TableSpec]:
+    """The keyed tables; those keyed by order_id know the staging buckets, so a lookup skips the files of others."""
+    return {
+        "orders": TableSpec("orders", K.ORDER_STATE, ("order_id",), ("order_id",), modulus=buckets),
+        "items": TableSpec("items", K.ITEM_INDEX, ("id",), ("id",)),
+        "order_items": TableSpec(
+            "order_items", K.ORDER_ITEMS, ("order_id", "id"), ("order_id",), deletes=True, modulus=buckets
+        ),
+        "users": TableSpec("users", K.USERS, ("user_id", "order_date"), ("user_id", "order_date"), additive=True),
+    }
+
+
 FILES: dict[str, pl.DataType] = {
     "fno": pl.Int32(),
     "file_id": pl.String(),
@@ -77,6 +85,7 @@ class Head(msgspec.Struct, kw_only=True):
     """The committed state: written last by a merge, read first by the next."""
 
     generation: int = 0
+    buckets: int = 0  # staging buckets the order-keyed tables' files record their residues for (fixed at the first)
     tables: dict[str, list[Run]] = msgspec.field(default_factory=dict)
     aggregates: dict[str, str] = msgspec.field(default_factory=dict)  # name -> Parquet key
     mismatched: int = 0  # items currently rejected as user_mismatch
@@ -113,15 +122,17 @@ class State:
     head: Head
     tables: dict[str, KeyedTable]
     agg: dict[str, pl.DataFrame]
+    start: dict[str, int] = field(default_factory=dict)  # files of each table before this merge
 
     @classmethod
     def open(cls, store: Store, head: Head, prefix: str) -> State:
-        tables = {n: KeyedTable(store, spec, head.tables.get(n, []), prefix) for n, spec in SPECS.items()}
+        spec = specs(head.buckets)
+        tables = {n: KeyedTable(store, spec[n], head.tables.get(n, []), prefix) for n in spec}
         agg = {}
         for name, schema in AGGREGATES.items():
             key = head.aggregates.get(name)
             agg[name] = pl.read_parquet(store.local_path(key)) if key else K.empty(schema)
-        return cls(store, head, tables, agg)
+        return cls(store, head, tables, agg, {n: len(t.files) for n, t in tables.items()})
 
 
 @dataclass
@@ -135,6 +146,16 @@ class _Run:
     days: set[date] = field(default_factory=set)
     cats: set[tuple[str, date]] = field(default_factory=set)
     rejects: list[pl.DataFrame] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    duplicates: pl.DataFrame | None = None  # item ids the delivery holds more than once -> latest version
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - started
 
 
 def merge(
@@ -148,17 +169,20 @@ def merge(
     rows_per_pass: int = ROWS_PER_PASS,
     now: datetime | None = None,
     fence: Callable[[], None] | None = None,
+    buckets: int = 32,
 ) -> tuple[MergeResult, list[OrderKpi], list[CategoryKpi]]:
     """Bring the KPIs up to date with every committed segment. See the module docstring.
 
     ``publish(publication, generation)`` stores what changed (DynamoDB in the tasks; None locally) and returns how
     many items it wrote or removed. ``force_dates=(from, to)`` republishes that inclusive range even if nothing
     changed, and removes stored items of the range that no longer exist (reprocessing). ``fence()`` raises when
-    this merge may no longer commit (its lease was lost); it is called before the head moves. Returns the summary
-    and the KPIs that were published.
+    this merge may no longer commit (its lease was lost); it is called before the head moves. ``buckets`` is the
+    staging bucket count (``SHOPKPI_BUCKETS``), recorded by the first merge. Returns the summary and the KPIs that
+    were published.
     """
     started = time.perf_counter()
     head = load_head(store)
+    head.buckets = head.buckets or buckets
     generation = max(generation, head.generation + 1)
     prefix = f"state/g={generation}"
     _sweep(store, head)
@@ -171,10 +195,17 @@ def merge(
     if delivery:
         log.info("merge.start", files=len(delivery), generation=generation, state_rows=state.tables["order_items"].rows)
         numbers = _register(state, delivery)
-        for step in _steps(delivery, rows_per_pass):
+        steps = _steps(delivery, rows_per_pass)
+        with run.timed("read"):
+            run.duplicates = _duplicate_items(state, delivery, numbers, rows_per_pass)
+        for step in steps:
             _apply(state, run, step, numbers)
-        for table in state.tables.values():
-            table.compact(scratch, rows_per_file=rows_per_pass)
+        _move_customers(state, run, rows_per_pass)
+        with run.timed("write"):
+            state.tables["items"].flush(scratch, rows_per_pass)
+        with run.timed("compact"):
+            for table in state.tables.values():
+                table.compact(scratch, rows_per_file=rows_per_pass)
 
     pub = _publication(state, run, force_dates)
     written = publish(pub, generation) if publish and pub else 0
@@ -207,7 +238,8 @@ def merge(
         log.warning("merge.conflicts", keys=run.conflicts, rule="later-arriving file wins")
     if orphans:
         log.warning("merge.orphans", **orphans)
-    log.info("merge.done", **msgspec.structs.asdict(result) | {"dates": len(result.dates)})
+    timings = {k: round(v, 3) for k, v in run.timings.items()}
+    log.info("merge.done", **msgspec.structs.asdict(result) | {"dates": len(result.dates), "timings": timings})
     return result, pub.daily, pub.category
 
 
@@ -233,23 +265,36 @@ Step = list[tuple[Segment, list[int] | None]]
 
 
 def _steps(delivery: list[Segment], rows_per_pass: int) -> list[Step]:
-    """Consecutive files of about ``rows_per_pass`` rows per step; a bigger file alone, cut by staging bucket."""
-    steps: list[Step] = [[]]
-    load = 0
-    for s in delivery:
-        if s.rows > rows_per_pass and s.dataset != PRODUCTS.name and len(s.buckets) > 1:
-            per_bucket = s.rows / len(s.buckets)
-            size = max(1, int(rows_per_pass // max(per_bucket, 1)))
-            steps += [[(s, s.buckets[i : i + size])] for i in range(0, len(s.buckets), size)]
-            steps.append([])
-            load = 0
-            continue
-        if steps[-1] and load + s.rows > rows_per_pass:
-            steps.append([])
-            load = 0
-        steps[-1].append((s, None))
-        load += s.rows
-    return [s for s in steps if s]
+    """The delivery in steps of about ``rows_per_pass`` staged rows.
+
+    A small delivery is one step. A bigger one is cut by staging bucket (``order_id mod buckets``) across all of its
+    files, so that an order and its items, wherever they were delivered, are applied in the same step and each
+    order group is computed once (the whole products delivery goes with the first step). Any cut would be exact:
+    a step compares every row with the state as the earlier steps left it.
+    """
+    big = [s for s in delivery if s.dataset != PRODUCTS.name]
+    total = sum(s.rows for s in big)
+    if total <= rows_per_pass:
+        return [[(s, None) for s in delivery]]
+    load: dict[int, float] = {}
+    for s in big:
+        for b in s.buckets:
+            load[b] = load.get(b, 0.0) + s.rows / max(len(s.buckets), 1)
+    groups: list[list[int]] = [[]]
+    acc = 0.0
+    for b in sorted(load):
+        if groups[-1] and acc + load[b] > rows_per_pass:
+            groups.append([])
+            acc = 0.0
+        groups[-1].append(b)
+        acc += load[b]
+    small = [(s, None) for s in delivery if s.dataset == PRODUCTS.name]
+    steps: list[Step] = []
+    for i, g in enumerate(groups):
+        wanted = set(g)
+        part: Step = [(s, g) for s in big if wanted.intersection(s.buckets)]
+        steps.append((small if i == 0 else []) + part)
+    return steps
 
 
 def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset: str) -> pl.DataFrame:
@@ -266,6 +311,32 @@ def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset
         lf = lf.with_columns(pl.lit(ver, pl.Int64).alias(K.VER), pl.lit(fno, pl.Int32).alias("_fno"))
         frames.append(rows(lf, names))
     return pl.concat(frames).collect() if frames else pl.DataFrame()
+
+
+def _duplicate_items(
+    state: State, delivery: list[Segment], numbers: dict[str, tuple[int, int]], rows_per_pass: int
+) -> pl.DataFrame | None:
+    """Item ids that more than one file of the delivery holds, with their latest version.
+
+    Steps cut the delivery by order, so two versions of one item under different orders could land in different
+    steps; resolving them here first lets every step look items up in the state as it was before the merge only.
+    Read in passes by id (the id column only), so memory stays bounded on a first load of many part files."""
+    files = [s for s in delivery if s.dataset == ORDER_ITEMS.name]
+    if len(files) < 2:
+        return None
+    scans = [
+        pl.scan_parquet(state.store.local_path(s.key)).select("id", pl.lit(numbers[s.file_id][1]).alias("best"))
+        for s in files
+    ]
+    passes = max(1, -(-sum(s.rows for s in files) // rows_per_pass))
+    found = []
+    for p in range(passes):
+        part = pl.concat(scans)
+        if passes > 1:
+            part = part.filter(pl.col("id") % passes == p)
+        found.append(part.filter(pl.col("id").is_duplicated()).group_by("id").agg(pl.col("best").max()).collect())
+    dups = pl.concat(found)
+    return dups if dups.height else None
 
 
 def _winners(run: _Run, new: pl.DataFrame, old: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -338,31 +409,48 @@ def _apply(state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, in
     group_ids = pl.concat([s.cast(pl.Int64) for s in affected]).unique() if affected else pl.Series([], dtype=pl.Int64)
     if group_ids.len():
         keys = pl.DataFrame({"order_id": group_ids})
-        orders_old = t["orders"].lookup(keys)
-        orders_new = _newest(pl.concat([orders_old, order_wins.join(keys, on="order_id", how="semi")]), "order_id")
-        items_old = t["order_items"].lookup(keys)
-        items_new = pl.concat([items_old.join(item_changed.select("id"), on="id", how="anti"), item_changed])
-        new_c = K.contributions(orders_new, items_new, products_new)
-        old_c = K.contributions(orders_old, items_old, products_old)
-        _move_aggregates(state, run, K.delta(new_c, old_c))
+        with run.timed("lookup"):
+            orders_old = t["orders"].lookup(keys)
+            items_old = t["order_items"].lookup(keys)
+        with run.timed("delta"):
+            orders_new = _newest(pl.concat([orders_old, order_wins.join(keys, on="order_id", how="semi")]), "order_id")
+            items_new = pl.concat([items_old.join(item_changed.select("id"), on="id", how="anti"), item_changed])
+            new_c = K.contributions(orders_new, items_new, products_new)
+            old_c = K.contributions(orders_old, items_old, products_old)
+            d = K.delta(new_c, old_c)
+        _move_aggregates(state, run, d)
         run.mismatched += new_c.mismatched.height - old_c.mismatched.height
         run.groups += group_ids.len()
-    t["orders"].append(order_wins, run.scratch)
-    t["items"].append(item_wins, run.scratch)
-    t["order_items"].append(pl.concat([tombstones, item_changed]), run.scratch)
+    with run.timed("write"):
+        t["orders"].append(order_wins, run.scratch)
+        t["items"].defer(item_wins, run.scratch)  # see _incoming: no later step looks these ids up
+        t["order_items"].append(pl.concat([tombstones, item_changed]), run.scratch)
 
 
 def _incoming(
     state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, int]], dataset: str, table: str
 ) -> tuple[pl.DataFrame, pl.DataFrame] | None:
     """The step's rows of ``dataset``, latest per key, against their stored versions (see :func:`_winners`)."""
-    raw = _read(state, step, numbers, dataset)
+    with run.timed("read"):
+        raw = _read(state, step, numbers, dataset)
     if not raw.height:
         return None
     key = state.tables[table].spec.lookup[0]
+    if dataset == ORDER_ITEMS.name and run.duplicates is not None:
+        # An item id the delivery holds more than once is applied in one step only, at its latest version.
+        raw = (
+            raw.join(run.duplicates, on="id", how="left")
+            .filter(pl.col("best").is_null() | (pl.col(K.VER) == pl.col("best")))
+            .drop("best")
+        )
     new, conflicts = K.latest(raw, key)
     run.conflicts += conflicts
-    return _winners(run, new, state.tables[table].lookup(new.select(key)), key)
+    with run.timed("lookup"):
+        # Orders: every file (a step's orders never sit in another step's files, which lookups skip by bucket).
+        # Items: only the files from before this merge, as no other step of it holds these ids (see above).
+        before = state.start[table] if dataset == ORDER_ITEMS.name else None
+        old = state.tables[table].lookup(new.select(key), files=before)
+    return _winners(run, new, old, key)
 
 
 def _newest(rows: pl.DataFrame, key: str) -> pl.DataFrame:
@@ -370,34 +458,47 @@ def _newest(rows: pl.DataFrame, key: str) -> pl.DataFrame:
 
 
 def _move_aggregates(state: State, run: _Run, d: K.Contribution) -> None:
-    """Add a delta to the aggregates; customers move when a (user, date) count leaves or reaches zero."""
-    users = state.tables["users"]
-    customers = K.empty({"order_date": pl.Date(), "customers": pl.Int64()})
+    """Add a delta to the aggregates. The (user, date) counts are appended as they are; customers move in
+    :func:`_move_customers`, once per merge."""
     if d.users.height:
-        before = users.lookup(d.users.select("user_id", "order_date"))
-        j = d.users.join(before.rename({"n": "old"}), on=["user_id", "order_date"], how="left").with_columns(
-            pl.col("old").fill_null(0)
-        )
-        customers = (
-            j.group_by("order_date")
-            .agg(
-                (((pl.col("old") + pl.col("n")) > 0).cast(pl.Int64) - (pl.col("old") > 0).cast(pl.Int64))
-                .sum()
-                .alias("customers")
-            )
-            .filter(pl.col("customers") != 0)
-        )
-        users.append(d.users, run.scratch)
-    change = d.daily.join(customers, on="order_date", how="full", coalesce=True).with_columns(
-        pl.col("orders", "returned_orders", "items", "revenue", "customers").fill_null(0)
-    )
-    state.agg["daily"], _ = K.add(state.agg["daily"], change, ["order_date"], alive="orders")
-    state.agg["category"], _ = K.add(state.agg["category"], d.category, ["category", "order_date"], alive="orders")
-    state.agg["pending"], _ = K.add(state.agg["pending"], d.pending, ["reason", "arrival_us"], alive="rows")
+        with run.timed("write"):
+            state.tables["users"].defer(d.users, run.scratch)
+    change = d.daily.with_columns(pl.lit(0, pl.Int64).alias("customers"))
+    state.agg["daily"], _ = K.add(state.agg["daily"], change, ["order_date"])
+    state.agg["category"], _ = K.add(state.agg["category"], d.category, ["category", "order_date"])
+    state.agg["pending"], _ = K.add(state.agg["pending"], d.pending, ["reason", "arrival_us"])
     run.days.update(change.get_column("order_date").to_list())
     run.cats.update(d.category.select("category", "order_date").iter_rows())
     if d.mismatched.height:
         run.rejects.append(d.mismatched)
+
+
+def _move_customers(state: State, run: _Run, rows_per_pass: int) -> None:
+    """Customers per date move when a (user, date) count leaves or reaches zero.
+
+    The steps deferred their (user, date) counts; flushing sums them per (user, date) into files of disjoint user
+    ranges, and each is compared with the counts before the merge (a lookup in the files the merge started with).
+    A step never looks up what an earlier step of the same merge wrote: (user, date) pairs recur across the steps
+    of a big delivery, and that would read every earlier file at every step."""
+    users = state.tables["users"]
+    with run.timed("write"):
+        mine = users.flush(run.scratch, rows_per_pass)
+    moved: list[pl.DataFrame] = []
+    for f in mine:
+        dn = pl.read_parquet(state.store.local_path(f.key))
+        with run.timed("lookup"):
+            was = users.lookup(dn.select("user_id", "order_date"), files=state.start["users"]).rename({"n": "old"})
+        j = dn.join(was, on=["user_id", "order_date"], how="left").with_columns(pl.col("old").fill_null(0))
+        flips = ((pl.col("old") + pl.col("n")) > 0).cast(pl.Int64) - (pl.col("old") > 0).cast(pl.Int64)
+        moved.append(j.group_by("order_date").agg(flips.sum().alias("customers")))
+    if not moved:
+        return
+    customers = pl.concat(moved).group_by("order_date").agg(pl.col("customers").sum()).filter(pl.col("customers") != 0)
+    change = customers.with_columns(
+        pl.lit(0, pl.Int64).alias(c) for c in ("orders", "returned_orders", "items", "revenue")
+    )
+    state.agg["daily"], _ = K.add(state.agg["daily"], change, ["order_date"])
+    run.days.update(customers.get_column("order_date").to_list())
 
 
 # --- publish, commit, clean up ---------------------------------------------------------------------------------
@@ -436,6 +537,7 @@ def _commit(state: State, run: _Run, generation: int, prefix: str) -> Head:
         rejects.append(_write_rejects(state, run, prefix))
     head = Head(
         generation=generation,
+        buckets=state.head.buckets,
         tables={n: t.runs for n, t in state.tables.items()},
         aggregates=keys,
         mismatched=run.mismatched,

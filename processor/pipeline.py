@@ -197,6 +197,7 @@ def merge_local(
             generation=load_head(store).generation + 1,
             scratch=scratch,
             force_dates=force_dates,
+            buckets=settings.buckets,
             orphan_grace_s=settings.orphan_grace_s,
             rows_per_pass=settings.merge_rows,
         )

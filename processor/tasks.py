@@ -290,6 +290,7 @@ def run_merge(
                 scratch=_work(settings) / "merge",
                 publish=publish,
                 force_dates=force,
+                buckets=settings.buckets,
                 orphan_grace_s=settings.orphan_grace_s,
                 rows_per_pass=settings.merge_rows,
                 fence=fence,

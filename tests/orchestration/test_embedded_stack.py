@@ -14,6 +14,7 @@ rejected rows       ``*_rows.csv``        1_03x_xxx                    2030-03
 crash once          ``*_crash.csv``       1_04x_xxx                    2030-04
 hang (one batch)    ``*_fail*.csv``       1_05x_xxx                    2030-05
 duplicates          ``*_dup.csv``         1_07x_xxx                    2030-07
+moved groups        ``*_move*.csv``       1_08x_xxx                    2030-08
 end to end          ``*_e2e.csv``         generated (ids < 1e6)        2029-01
 ==================  ====================  ===========================  ===========
 
@@ -697,6 +698,39 @@ def test_generated_shop_landed_in_random_order_gives_exactly_the_reference_kpis(
     assert len(expected["daily"]) >= 5 and expected["category"]
     assert kpis["daily"] == expected["daily"]
     assert kpis["category"] == expected["category"]
+
+
+# --- 8b. groups that move ---------------------------------------------------------------------------------------
+def test_order_moved_to_another_date_and_product_moved_to_another_category_leave_no_stale_item(
+    op: operations.Stack, tmp_path: Path
+) -> None:
+    shop = small_shop(tmp_path, "move", 1_080_000, "2030-08")
+    land(op, shop.paths)
+    assert stored_kpis(op, "2030-08-01", "2030-08-31") == expected_kpis(shop.paths)
+    # Later files: product 2 is now a garden product, and order 3 (the day's only shipped one) moves to the 20th.
+    base = 1_080_000
+    revisions = [
+        write_csv(tmp_path / "v2", "products_move_v2.csv", [product(base + 2, "Garden-move")]),
+        write_csv(
+            tmp_path / "v2",
+            "orders_move_v2.csv",
+            [order(base + 103, base + 13, "2030-08-20T11:00:00", status="shipped", shipped_at="2030-08-21T08:00:00")],
+        ),
+    ]
+    land(op, revisions)
+    expected = expected_kpis([*shop.paths, *revisions])
+    assert {k["category"] for k in expected["category"]} == {"Toys-move", "Garden-move"}
+    assert stored_kpis(op, "2030-08-01", "2030-08-31") == expected
+    # No item is left behind for the groups that vanished: the tables hold exactly the recomputed keys.
+    stored = {
+        (i.get("category", {}).get("S"), i["order_date"]["S"])
+        for t in (op.outputs.order_table, op.outputs.category_table)
+        for i in scan(op, t)
+        if i.get("order_date", {}).get("S", "").startswith("2030-08")
+    }
+    assert stored == {(None, k["order_date"]) for k in expected["daily"]} | {
+        (k["category"], k["order_date"]) for k in expected["category"]
+    }
 
 
 # --- 9. reprocess ------------------------------------------------------------------------------------------------
