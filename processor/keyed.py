@@ -166,15 +166,18 @@ class KeyedTable:
         if keys.is_empty() or not self.files[:files]:
             return self.empty()
         keys = keys.select(cols).unique()
-        hashes = key_hash(keys, cols)
         first = keys.get_column(self.spec.first).to_numpy()
         residues = first % self.spec.modulus if self.spec.modulus else None
+        hashes: np.ndarray | None = None  # computed on the first Bloom filter that needs them
         found: list[pl.DataFrame] = []
         for age, f in enumerate(self.files[:files]):
             inside = (first >= f.lo) & (first <= f.hi)
             if f.parts is not None and residues is not None:
-                inside &= np.isin(residues, f.parts)
+                allowed = np.zeros(self.spec.modulus, dtype=bool)
+                allowed[f.parts] = True
+                inside &= allowed[residues]
             if f.bloom is not None and inside.any():
+                hashes = key_hash(keys, cols) if hashes is None else hashes
                 inside[inside] = self._bloom(f).may_contain(hashes[inside])
             if inside.any():
                 rows = self._read(f, np.unique(first[inside]), keys.filter(pl.Series(inside)))

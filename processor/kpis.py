@@ -189,16 +189,13 @@ def contributions(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFr
     daily = daily_orders.join(daily_items, on="order_date", how="left").with_columns(
         pl.col("items", "revenue").fill_null(0)
     )
-    category = (
-        counted.group_by("category", "order_date", "order_id")
-        .agg(pl.col("i_ret").any().alias("ret"), pl.len().alias("items"), pl.col("cents").sum().alias("revenue"))
-        .group_by("category", "order_date")
-        .agg(
-            pl.len().cast(pl.Int64).alias("orders"),
-            pl.col("ret").sum().cast(pl.Int64).alias("returned_orders"),
-            pl.col("items").sum().cast(pl.Int64),
-            pl.col("revenue").sum().cast(pl.Int64),
-        )
+    # Distinct orders per (category, date) with n_unique inside the group: a group-by on (category, date, order)
+    # first gives the same counts several times slower.
+    category = counted.group_by("category", "order_date").agg(
+        pl.col("order_id").n_unique().cast(pl.Int64).alias("orders"),
+        pl.col("order_id").filter(pl.col("i_ret")).n_unique().cast(pl.Int64).alias("returned_orders"),
+        pl.len().cast(pl.Int64).alias("items"),
+        pl.col("cents").sum().cast(pl.Int64).alias("revenue"),
     )
     pending = (
         it.filter(pl.col("reason").is_in(["order", "product"]))

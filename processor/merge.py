@@ -50,7 +50,7 @@ log = get_logger("merge")
 
 HEAD_KEY = "state/head.json"
 #: Staged rows (orders + items) applied in one step; bounds the merge's memory.
-ROWS_PER_PASS = 2_000_000
+ROWS_PER_PASS = 1_000_000
 
 
 def specs(buckets: int) -> dict[str, TableSpec]:
@@ -201,8 +201,6 @@ def merge(
         for step in steps:
             _apply(state, run, step, numbers)
         _move_customers(state, run, rows_per_pass)
-        with run.timed("write"):
-            state.tables["items"].flush(scratch, rows_per_pass)
         with run.timed("compact"):
             for table in state.tables.values():
                 table.compact(scratch, rows_per_file=rows_per_pass)
@@ -423,7 +421,7 @@ def _apply(state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, in
         run.groups += group_ids.len()
     with run.timed("write"):
         t["orders"].append(order_wins, run.scratch)
-        t["items"].defer(item_wins, run.scratch)  # see _incoming: no later step looks these ids up
+        t["items"].append(item_wins, run.scratch)
         t["order_items"].append(pl.concat([tombstones, item_changed]), run.scratch)
 
 
@@ -443,8 +441,11 @@ def _incoming(
             .filter(pl.col("best").is_null() | (pl.col(K.VER) == pl.col("best")))
             .drop("best")
         )
-    new, conflicts = K.latest(raw, key)
-    run.conflicts += conflicts
+    if sum(1 for seg, _ in step if seg.dataset == dataset) > 1:
+        new, conflicts = K.latest(raw, key)
+        run.conflicts += conflicts
+    else:
+        new = raw  # one file: its keys are unique (validation rejects a repeated key)
     with run.timed("lookup"):
         # Orders: every file (a step's orders never sit in another step's files, which lookups skip by bucket).
         # Items: only the files from before this merge, as no other step of it holds these ids (see above).

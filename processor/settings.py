@@ -65,7 +65,7 @@ class Settings:
     #: Megabytes of CSV per streamed chunk while validating; bounds the memory of the validation pass.
     chunk_mb: int = field(default=16, metadata={"env": "SHOPKPI_CHUNK_MB"})
     #: Staged rows (orders + items) the merge recomputes in one pass; bounds the merge's memory.
-    merge_rows: int = field(default=2_000_000, metadata={"env": "SHOPKPI_MERGE_ROWS"})
+    merge_rows: int = field(default=1_000_000, metadata={"env": "SHOPKPI_MERGE_ROWS"})
     #: Local scratch directory (ECS ephemeral storage); large inputs are streamed to it, never held in memory.
     work_dir: Path = field(default=Path(tempfile.gettempdir()) / "shopkpi", metadata={"env": "SHOPKPI_WORK_DIR"})
     #: Parallel DynamoDB batch writers.
