@@ -41,6 +41,10 @@ generate dir size_gb="0.5":
 loadtest size_gb="2":
     python -m perf.compare --size-gb {{size_gb}}
 
+# merge cost of one late delivery against the size of the staged history (see docs/performance.md)
+bench-incremental *sizes:
+    python -m perf.incremental --sizes {{ if sizes == "" { "0 0.5 2" } else { sizes } }}
+
 # pytest-benchmark regression suite on a generated data set (not part of `test`)
 bench *args:
     python -m pytest perf --benchmark-enable --benchmark-only "$@"

@@ -63,9 +63,14 @@ def history(size_gb: float, root: Path) -> Path:
 def delivery(root: Path, *, revisions: bool) -> Path:
     """The late delivery: new orders (or revisions of existing ones) spread over the 30 days of the histories."""
     folder = root / "bench" / ("revisions" if revisions else "late-orders")
-    if (folder / "orders_late.csv").exists():
-        return folder
-    raw = root / "bench" / "late-raw"
+    if not (folder / "orders_late.csv").exists():
+        write_delivery(folder, revisions=revisions)
+    return folder
+
+
+def write_delivery(folder: Path, *, revisions: bool = False) -> list[Path]:
+    """Write the delivery's ``orders_late.csv`` and ``order_items_late.csv`` into ``folder``."""
+    raw = folder.parent / f"{folder.name}-raw"
     shutil.rmtree(raw, ignore_errors=True)
     generate(raw, orders=ORDERS, days=30, seed=11)
     orders = pl.read_csv(raw / "orders_part1.csv", infer_schema=False)
@@ -92,7 +97,7 @@ def delivery(root: Path, *, revisions: bool) -> Path:
     orders.write_csv(folder / "orders_late.csv")
     items.write_csv(folder / "order_items_late.csv")
     shutil.rmtree(raw, ignore_errors=True)
-    return folder
+    return [folder / "orders_late.csv", folder / "order_items_late.csv"]
 
 
 MERGE_ONE = """

@@ -212,6 +212,17 @@ def contributions(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFr
     )
 
 
+def nothing() -> Contribution:
+    """The contribution of no group (the old side of groups that are all new)."""
+    return Contribution(
+        daily=empty({k: v for k, v in DAILY.items() if k != "customers"}),
+        users=empty(USERS),
+        category=empty(CATEGORY),
+        pending=empty(PENDING),
+        mismatched=empty(MISMATCH),
+    )
+
+
 def delta(new: Contribution, old: Contribution) -> Contribution:
     """``new - old``, keeping only the keys whose figures moved. Mismatched items: those newly rejected."""
     out = {}

@@ -414,7 +414,11 @@ def _apply(state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, in
             orders_new = _newest(pl.concat([orders_old, order_wins.join(keys, on="order_id", how="semi")]), "order_id")
             items_new = pl.concat([items_old.join(item_changed.select("id"), on="id", how="anti"), item_changed])
             new_c = K.contributions(orders_new, items_new, products_new)
-            old_c = K.contributions(orders_old, items_old, products_old)
+            old_c = (
+                K.contributions(orders_old, items_old, products_old)
+                if orders_old.height or items_old.height
+                else K.nothing()
+            )
             d = K.delta(new_c, old_c)
         _move_aggregates(state, run, d)
         run.mismatched += new_c.mismatched.height - old_c.mismatched.height
