@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from processor.aws import make_clients
 from processor.aws.clients import Clients
 from processor.aws.control import Queue, StackOutputs, Stacks, Workflow
@@ -133,3 +135,12 @@ def runs(stack: Stack, limit: int = 20) -> tuple[list[dict[str, Any]], list[dict
 
 def rejects(stack: Stack, limit: int = 50) -> list[dict[str, Any]]:
     return stack.ledger.files(limit=limit, outcome="rejected")
+
+
+def merge_rejects(stack: Stack) -> dict[str, Any]:
+    """Items the merge rejects as the state stands (``user_mismatch``) and where their rows are kept."""
+    from processor.merge import HEAD_KEY, Head
+
+    data = stack.s3.get_bytes(f"staging/{HEAD_KEY}") if stack.s3.exists(f"staging/{HEAD_KEY}") else None
+    head = msgspec.json.decode(data, type=Head) if data else Head()
+    return {"user_mismatch": head.mismatched, "rows": [stack.s3.uri(f"staging/{k}") for k in head.rejects]}

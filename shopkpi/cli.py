@@ -138,8 +138,16 @@ def cmd_rejects(args: argparse.Namespace, settings: Settings) -> int:
     from orchestration import operations
     from shopkpi.render import print_ledger
 
-    files = operations.rejects(_stack(settings), args.limit)
-    _print_json(files) if args.json else print_ledger(files, "Rejected files")
+    stack = _stack(settings)
+    files = operations.rejects(stack, args.limit)
+    late = operations.merge_rejects(stack)
+    if args.json:
+        _print_json(files)  # the list tools already read; merge rejects are in the head (docs/storage.md)
+        return 0
+    print_ledger(files, "Rejected files")
+    if late["user_mismatch"] or late["rows"]:
+        print(f"rejected at merge time: {late['user_mismatch']} items whose user_id differs from their order's")
+        print("their rows, with file, line, rule and values: " + ", ".join(late["rows"]))
     return 0
 
 

@@ -652,7 +652,7 @@ def test_the_same_object_delivered_twice_is_counted_and_staged_once(op: operatio
     outcomes = []
     for a in [arn, *later]:
         described = finished(op, a)
-        assert described["status"] == "SUCCEEDED", a
+        assert described["status"] == "SUCCEEDED", (a, described.get("error"), described.get("cause"))
         if a != arn:
             outcomes += [(f["key"], f["outcome"]) for f in json.loads(described["output"])["files"]]
     assert sorted(outcomes) == sorted([(again[0].key, "accepted"), (orders_key, "skipped"), (orders_key, "skipped")])
