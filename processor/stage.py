@@ -2,10 +2,10 @@
 
 Layout under the staging root (a local directory or ``s3://<bucket>/staging/``)::
 
-    segments/<dataset>/<file_id>.parquet   typed valid rows of one file, one row group per (chunk, bucket)
-    manifest/<file_id>.json                 the commit record of that segment (written last)
-    partials/b=<NN>/g=<generation>/*.parquet partial aggregates of one bucket, as of a merge generation
-    state/current.json                      which partials are current (written by the merge lock holder only)
+    segments/<dataset>/<file_id>.parquet   typed valid rows of one file, sorted by bucket within each chunk
+                                            (deleted by the merge that applies it: its rows then live in the state)
+    manifest/<file_id>.json                 the commit record of that segment (written last; kept)
+    state/head.json, state/g=<generation>/  the merge's keyed state and aggregates (see processor.merge)
 
 A segment is visible to merges only once its manifest exists, and the manifest is written after the segment, so a
 crash between the two leaves an invisible orphan object, never a half-visible file. Committing the same file
