@@ -201,16 +201,6 @@ class KeyedTable:
         ]
         return pl.concat(frames).unique().collect().get_column(out)
 
-    def scan(self) -> pl.LazyFrame:
-        """Every current row (for a reprocess, which recomputes from the state; reads the whole table)."""
-        if not self.runs:
-            return self.empty().lazy()
-        frames = [
-            pl.scan_parquet(self.store.local_path(f.key)).with_columns(pl.lit(age, pl.Int32).alias("_age"))
-            for age, f in enumerate(self.files)
-        ]
-        return self._resolve_lazy(pl.concat(frames))
-
     def _bloom(self, f: TableFile) -> Bloom:
         assert f.bloom is not None
         if f.bloom not in self._blooms:
