@@ -238,12 +238,10 @@ def delta(new: Contribution, old: Contribution) -> Contribution:
     return Contribution(mismatched=fresh, **out)
 
 
-def add(aggregate: pl.DataFrame, change: pl.DataFrame, key: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """``aggregate + change`` by ``key``; rows whose measures all fall to 0 are dropped (their group is gone).
-
-    Returns the new aggregate and the keys that were dropped."""
+def add(aggregate: pl.DataFrame, change: pl.DataFrame, key: list[str]) -> pl.DataFrame:
+    """``aggregate + change`` by ``key``; rows whose measures all fall to 0 are dropped (their group is gone)."""
     if change.is_empty():
-        return aggregate, aggregate.head(0).select(key)
+        return aggregate
     measures = [c for c in change.columns if c not in key]
     merged = (
         pl.concat([aggregate, change], how="diagonal_relaxed")
@@ -253,11 +251,10 @@ def add(aggregate: pl.DataFrame, change: pl.DataFrame, key: list[str]) -> tuple[
         .cast(aggregate.schema)  # type: ignore[arg-type]
     )
     zero = pl.all_horizontal(pl.col(c) == 0 for c in aggregate.columns if c not in key)
-    gone = merged.filter(zero)
     bad = merged.filter(pl.any_horizontal(pl.col(m) < 0 for m in measures if m in merged.columns))
     if not bad.is_empty():
         raise ValueError(f"negative aggregate after a delta (the state is inconsistent): {bad.head(3).to_dicts()}")
-    return merged.filter(~zero), gone.select(key)
+    return merged.filter(~zero)
 
 
 def order_kpis(daily: pl.DataFrame) -> list[OrderKpi]:

@@ -469,9 +469,9 @@ def _move_aggregates(state: State, run: _Run, d: K.Contribution) -> None:
         with run.timed("write"):
             state.tables["users"].defer(d.users, run.scratch)
     change = d.daily.with_columns(pl.lit(0, pl.Int64).alias("customers"))
-    state.agg["daily"], _ = K.add(state.agg["daily"], change, ["order_date"])
-    state.agg["category"], _ = K.add(state.agg["category"], d.category, ["category", "order_date"])
-    state.agg["pending"], _ = K.add(state.agg["pending"], d.pending, ["reason", "arrival_us"])
+    state.agg["daily"] = K.add(state.agg["daily"], change, ["order_date"])
+    state.agg["category"] = K.add(state.agg["category"], d.category, ["category", "order_date"])
+    state.agg["pending"] = K.add(state.agg["pending"], d.pending, ["reason", "arrival_us"])
     run.days.update(change.get_column("order_date").to_list())
     run.cats.update(d.category.select("category", "order_date").iter_rows())
     if d.mismatched.height:
@@ -502,7 +502,7 @@ def _move_customers(state: State, run: _Run, rows_per_pass: int) -> None:
     change = customers.with_columns(
         pl.lit(0, pl.Int64).alias(c) for c in ("orders", "returned_orders", "items", "revenue")
     )
-    state.agg["daily"], _ = K.add(state.agg["daily"], change, ["order_date"])
+    state.agg["daily"] = K.add(state.agg["daily"], change, ["order_date"])
     run.days.update(customers.get_column("order_date").to_list())
 
 

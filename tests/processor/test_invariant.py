@@ -167,9 +167,7 @@ class KpiTable:
         return {"daily": daily, "category": category}
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example]
-)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example])
 @given(plans())
 def test_stored_kpis_equal_brute_force_reference_after_every_merge(plan: Plan) -> None:
     root = Path(tempfile.mkdtemp(prefix="shopkpi-prop-"))
@@ -192,9 +190,7 @@ def test_stored_kpis_equal_brute_force_reference_after_every_merge(plan: Plan) -
         shutil.rmtree(root, ignore_errors=True)
 
 
-@settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example]
-)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example])
 @given(plans())
 def test_one_run_equals_many_merges(plan: Plan) -> None:
     """The same files in one ``shopkpi process`` call: the same KPIs as the batched merges above."""

@@ -5,9 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 
@@ -48,12 +46,6 @@ class DyingStore(LocalStore):
     def delete(self, key: str) -> None:
         self.tick()
         super().delete(key)
-
-    def open(self, key: str) -> IO[bytes]:
-        return super().open(key)
-
-    def list_keys(self, prefix: str) -> Iterator[str]:
-        return super().list_keys(prefix)
 
 
 def _history(write_csv: WriteCsv) -> list[Path]:
