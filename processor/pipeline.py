@@ -210,8 +210,3 @@ def _keep_outputs(store: Store, v: Validated) -> None:
     store.put_bytes(f"reports/{fid}.json", msgspec.json.encode(v.report))
     if v.rejects_csv is not None and v.rejects_csv.exists():
         store.put_file(v.rejects_csv, f"rejects/{fid}.csv")
-
-
-def all_kpis(store: Store) -> tuple[list[OrderKpi], list[CategoryKpi]]:
-    """Every KPI of the committed state of a staging store (all dates)."""
-    return current_kpis(store)

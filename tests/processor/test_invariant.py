@@ -20,8 +20,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processor.merge import Publication, merge
-from processor.pipeline import all_kpis, process_local, stage_local
+from processor.merge import Publication, current_kpis, merge
+from processor.pipeline import process_local, stage_local
 from processor.schema import DATASETS
 from processor.settings import Settings
 from processor.store import LocalStore
@@ -182,7 +182,7 @@ def test_stored_kpis_equal_brute_force_reference_after_every_merge(plan: Plan) -
             done += size
             merge(store, generation=0, scratch=root / "merge", publish=table.publish, rows_per_pass=7)
             assert table.kpis() == reference_kpis(files[:done])
-        daily, category = all_kpis(store)
+        daily, category = current_kpis(store)
         expected = reference_kpis(files)
         assert [k.public() for k in daily] == expected["daily"]
         assert [k.public() for k in category] == expected["category"]

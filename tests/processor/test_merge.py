@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from processor.merge import HEAD_KEY, Publication, load_head, merge
-from processor.pipeline import LocalRun, all_kpis, process_local, stage_local
+from processor.merge import HEAD_KEY, Publication, current_kpis, load_head, merge
+from processor.pipeline import LocalRun, process_local, stage_local
 from processor.settings import Settings
 from processor.store import LocalStore
 from tests.processor.conftest import WriteCsv, item, order, product
@@ -170,7 +170,7 @@ def test_crash_before_the_head_moves_is_repaired_by_next_merge(
     assert [[k.order_date for k in p.daily] for p in published] == [["2025-03-01"]]
     assert result.dates == ["2025-03-01"]  # the same delivery applied again from the old head
     assert daily[0].total_revenue == Decimal("4.00")
-    assert all_kpis(store)[0] == daily
+    assert current_kpis(store)[0] == daily
 
 
 def test_reprocessing_unchanged_inputs_recomputes_nothing(
@@ -190,7 +190,7 @@ def test_reprocessing_unchanged_inputs_recomputes_nothing(
     assert result.groups_recomputed == 0 and result.dates == ["2025-03-01"]
     assert daily == first.daily and category == first.category
     assert store.get_bytes(HEAD_KEY) == head  # nothing new: the head did not move
-    assert all_kpis(store) == (first.daily, first.category)
+    assert current_kpis(store) == (first.daily, first.category)
 
 
 def test_items_waiting_past_the_grace_period_are_reported_as_orphans(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from processor.merge import HEAD_KEY, Publication, merge
-from processor.pipeline import all_kpis, stage_local
+from processor.merge import HEAD_KEY, Publication, current_kpis, merge
+from processor.pipeline import stage_local
 from processor.settings import Settings
 from processor.store import LocalStore
 from tests.processor.conftest import WriteCsv, item, order, product
@@ -106,7 +106,7 @@ def test_killed_at_every_write_of_a_merge_then_rerun_is_exact(
             # The rerun (a retried task) on the same staging area and the same KPI table.
             merge(LocalStore(staging), generation=0, scratch=tmp_path / "m", publish=crashed.publish)
             assert crashed.kpis() == expected, f"killed at write {fatal}"
-            daily, category = all_kpis(LocalStore(staging))
+            daily, category = current_kpis(LocalStore(staging))
             assert [k.public() for k in daily] == expected["daily"], f"killed at write {fatal}"
             assert [k.public() for k in category] == expected["category"]
             shutil.rmtree(staging)
@@ -134,7 +134,7 @@ def test_two_local_runs_on_one_staging_directory_at_once_give_the_union(write_cs
         assert p.returncode == 0, err.decode()[-2000:]
     # The two runs staged at the same time, so either may have arrived first: the union is the reference over
     # the arrival order the staging area recorded.
-    stored = all_kpis(LocalStore(staging))
+    stored = current_kpis(LocalStore(staging))
     order_a = reference_kpis(history + delivery)
     order_b = reference_kpis(delivery + history)
     got = {"daily": [k.public() for k in stored[0]], "category": [c.public() for c in stored[1]]}
