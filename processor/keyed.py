@@ -210,9 +210,8 @@ class KeyedTable:
             self._blooms[f.bloom] = Bloom(np.frombuffer(data, dtype=np.uint8))
         return self._blooms[f.bloom]
 
-    def _read(self, f: TableFile, wanted: np.ndarray, keys: pl.DataFrame | None = None) -> pl.DataFrame:
-        """The rows of ``f`` whose first key is in the sorted ``wanted`` (and, given ``keys``, whose lookup columns
-        equal a row of it).
+    def _read(self, f: TableFile, wanted: np.ndarray, keys: pl.DataFrame) -> pl.DataFrame:
+        """The rows of ``f`` whose lookup columns equal a row of ``keys`` (``wanted``: their sorted first keys).
 
         Two passes over the row groups whose key range may hold a wanted value: first their lookup columns only,
         to find the groups that really hold one (a Bloom filter's false positives cost only this), then the whole
@@ -229,8 +228,6 @@ class KeyedTable:
             assert isinstance(probe, pl.DataFrame)
             sizes = np.array([md.row_group(int(g)).num_rows for g in groups])
             owner = np.repeat(groups, sizes)
-            if keys is None:
-                keys = pl.DataFrame({self.spec.first: wanted})
             found = probe.with_row_index("_i").join(keys, on=cols, how="semi").get_column("_i").to_numpy()
             needed = np.unique(owner[found])
             if not needed.size:
@@ -276,10 +273,7 @@ class KeyedTable:
         """Add ``rows`` (changed rows, tombstones or weights) as a new file of the newest run of this merge."""
         if rows.is_empty():
             return
-        if not self._run_open:
-            self.runs.append([])
-            self._run_open = True
-        self.runs[-1].append(self._write(rows, scratch))
+        self._this_run().append(self._write(rows, scratch))
 
     def defer(self, rows: pl.DataFrame, scratch: Path) -> None:
         """Add ``rows`` to this merge's run, but only at :meth:`flush`: lookups meanwhile do not see them.
@@ -304,11 +298,15 @@ class KeyedTable:
         files = pending._merge_runs(pending.runs, scratch, bottom=False, rows_per_file=rows_per_file, dest=self)
         shutil.rmtree(pending.store.local_path("."), ignore_errors=True)
         if files:
-            if not self._run_open:
-                self.runs.append([])
-                self._run_open = True
-            self.runs[-1].extend(files)
+            self._this_run().extend(files)
         return files
+
+    def _this_run(self) -> Run:
+        """This merge's run (the newest), started by its first write."""
+        if not self._run_open:
+            self.runs.append([])
+            self._run_open = True
+        return self.runs[-1]
 
     def _write(self, rows: pl.DataFrame, scratch: Path) -> TableFile:
         frame = rows.select(list(self.spec.schema)).cast(self.spec.schema).sort(list(self.spec.full_key))  # type: ignore[arg-type]

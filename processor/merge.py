@@ -340,13 +340,9 @@ def _duplicate_items(
 def _winners(run: _Run, new: pl.DataFrame, old: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """New versions that beat the stored ones (or have none), and of those the ones whose values differ.
 
-    The second frame has the old order of items (``order_id_old``) when ``old`` has an order_id."""
-    j = new.join(
-        old.select(key, *(c for c in ("order_id",) if c in old.columns and c != key), K.VER, K.HASH),
-        on=key,
-        how="left",
-        suffix="_old",
-    )
+    For items, both frames also have the old order (``order_id_old``)."""
+    carried = ["order_id"] if key == "id" else []  # an item's old order: the group it may leave
+    j = new.join(old.select(key, *carried, K.VER, K.HASH), on=key, how="left", suffix="_old")
     seen = pl.col(f"{K.VER}_old").is_not_null()
     run.conflicts += j.filter(seen & (pl.col(K.HASH) != pl.col(f"{K.HASH}_old"))).height
     wins = j.filter(~seen | (pl.col(K.VER) > pl.col(f"{K.VER}_old")))
