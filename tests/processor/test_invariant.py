@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,17 @@ def _write(folder: Path, n: int, dataset: str, rows: list[dict[str, Any]]) -> Pa
     return path
 
 
+@contextmanager
+def _delivered(plan: Plan) -> Iterator[tuple[Path, list[Path], Settings]]:
+    """A scratch folder with the plan's files written in arrival order, and settings with three buckets."""
+    root = Path(tempfile.mkdtemp(prefix="shopkpi-prop-"))
+    try:
+        files = [_write(root, n, dataset, rows) for n, (dataset, rows) in enumerate(plan.deliveries)]
+        yield root, files, Settings.load(env={}, buckets=3, work_dir=root / "work")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class KpiTable:
     """What a KPI store holds after a sequence of publishes: items put, items removed, ranges reconciled."""
 
@@ -170,10 +183,7 @@ class KpiTable:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example])
 @given(plans())
 def test_stored_kpis_equal_brute_force_reference_after_every_merge(plan: Plan) -> None:
-    root = Path(tempfile.mkdtemp(prefix="shopkpi-prop-"))
-    try:
-        files = [_write(root, n, dataset, rows) for n, (dataset, rows) in enumerate(plan.deliveries)]
-        config = Settings.load(env={}, buckets=3, work_dir=root / "work")
+    with _delivered(plan) as (root, files, config):
         store = LocalStore(root / "staging")
         table = KpiTable()
         done = 0
@@ -186,21 +196,14 @@ def test_stored_kpis_equal_brute_force_reference_after_every_merge(plan: Plan) -
         expected = reference_kpis(files)
         assert [k.public() for k in daily] == expected["daily"]
         assert [k.public() for k in category] == expected["category"]
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example])
 @given(plans())
 def test_one_run_equals_many_merges(plan: Plan) -> None:
     """The same files in one ``shopkpi process`` call: the same KPIs as the batched merges above."""
-    root = Path(tempfile.mkdtemp(prefix="shopkpi-prop-"))
-    try:
-        files = [_write(root, n, dataset, rows) for n, (dataset, rows) in enumerate(plan.deliveries)]
-        config = Settings.load(env={}, buckets=3, work_dir=root / "work")
+    with _delivered(plan) as (root, files, config):
         run = process_local(files, root / "staging", config)
         expected = reference_kpis(files)
         assert [k.public() for k in run.daily] == expected["daily"]
         assert [k.public() for k in run.category] == expected["category"]
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
