@@ -193,7 +193,7 @@ class KeyedTable:
         if not values or not self.runs:
             return pl.Series(out, [], pl.Int64)
         frames = [
-            pl.scan_parquet(self.store.local_path(f.key))
+            pl.scan_parquet(self.store.local_path(f.key), glob=False)
             .select(column, out)
             .filter(pl.col(column).is_in(list(values)))
             .select(out)
@@ -377,7 +377,9 @@ class KeyedTable:
 
     def _read_range(self, f: TableFile, lo: int, hi: int) -> pl.DataFrame:
         first = self.spec.first
-        return pl.scan_parquet(self.store.local_path(f.key)).filter(pl.col(first).is_between(lo, hi)).collect()
+        return (
+            pl.scan_parquet(self.store.local_path(f.key), glob=False).filter(pl.col(first).is_between(lo, hi)).collect()
+        )
 
     def _ranges(self, files: list[TableFile], rows_per_file: int) -> list[tuple[int, int]]:
         """Key ranges of about ``rows_per_file`` rows each, from the row groups' statistics."""

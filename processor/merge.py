@@ -131,7 +131,7 @@ class State:
         agg = {}
         for name, schema in AGGREGATES.items():
             key = head.aggregates.get(name)
-            agg[name] = pl.read_parquet(store.local_path(key)) if key else K.empty(schema)
+            agg[name] = pl.read_parquet(store.local_path(key), glob=False) if key else K.empty(schema)
         return cls(store, head, tables, agg, {n: len(t.files) for n, t in tables.items()})
 
 
@@ -302,7 +302,7 @@ def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset
     for seg, group in step:
         if seg.dataset != dataset:
             continue
-        lf = pl.scan_parquet(state.store.local_path(seg.key))
+        lf = pl.scan_parquet(state.store.local_path(seg.key), glob=False)
         if group is not None:
             lf = lf.filter(pl.col(BUCKET).is_in(group))
         fno, ver = numbers[seg.file_id]
@@ -323,7 +323,9 @@ def _duplicate_items(
     if len(files) < 2:
         return None
     scans = [
-        pl.scan_parquet(state.store.local_path(s.key)).select("id", pl.lit(numbers[s.file_id][1]).alias("best"))
+        pl.scan_parquet(state.store.local_path(s.key), glob=False).select(
+            "id", pl.lit(numbers[s.file_id][1]).alias("best")
+        )
         for s in files
     ]
     passes = max(1, -(-sum(s.rows for s in files) // rows_per_pass))
@@ -486,7 +488,7 @@ def _move_customers(state: State, run: _Run, rows_per_pass: int) -> None:
         mine = users.flush(run.scratch, rows_per_pass)
     moved: list[pl.DataFrame] = []
     for f in mine:
-        dn = pl.read_parquet(state.store.local_path(f.key))
+        dn = pl.read_parquet(state.store.local_path(f.key), glob=False)
         with run.timed("lookup"):
             was = users.lookup(dn.select("user_id", "order_date"), files=state.start["users"]).rename({"n": "old"})
         j = dn.join(was, on=["user_id", "order_date"], how="left").with_columns(pl.col("old").fill_null(0))

@@ -303,3 +303,23 @@ def test_merge_applies_only_the_delivery_and_compacts_as_it_grows(
     assert not any(f.startswith("segments/") for f in files)
     named = {f.key for runs in head.tables.values() for run in runs for f in run}
     assert {f for f in files if f.endswith(".parquet") and "/orders-" in f} <= named
+
+
+def test_file_names_with_glob_characters_merge_like_any_other(
+    write_csv: WriteCsv, tmp_path: Path, settings: Settings
+) -> None:
+    # Staged files are named after their source: brackets, '*' and '?' must be read as names, never as patterns.
+    staging = tmp_path / "staging"
+    first = run(
+        [
+            write_csv("products.csv", [product(1, "Books")]),
+            write_csv("orders_[1].csv", [order(10, 100, "2025-03-01T08:00:00")]),
+            write_csv("order_items_*?.csv", [item(1, 10, 100, 1, "4.00")]),
+        ],
+        staging,
+        settings,
+    )
+    assert [f.outcome for f in first.files] == ["accepted"] * 3
+    later = run([write_csv("orders_part2.csv", [order(11, 101, "2025-03-01T09:00:00")])], staging, settings)
+    [k] = later.daily
+    assert (k.total_orders, k.total_items_sold, k.total_revenue) == (2, 1, Decimal("4.00"))
