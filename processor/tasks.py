@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -37,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import msgspec
 import orjson
@@ -52,6 +54,9 @@ from processor.schema import detect_dataset, is_gzip
 from processor.settings import Settings
 from processor.stage import Segment, commit_manifest, file_id_for, is_committed
 from processor.store import LocalStore, S3StagingStore, Store
+
+if TYPE_CHECKING:
+    from processor.aws.callback import Callback
 
 log = get_logger("task")
 
@@ -163,11 +168,11 @@ def validate(source: str, settings: Settings, env: Env | None, local_staging: Pa
     if is_committed(staging, file_id):
         log.info("file.duplicate", file_id=file_id)
         return {"file_id": file_id, "source": source, "outcome": "accepted", "duplicate": True}
-    with tempfile.TemporaryDirectory(dir=_work(settings)) as tmp:
+    with _scratch(settings, "validate") as tmp:
         # Streamed straight from S3 (gunzipped on the fly): the file never lands on disk, only its staged segment.
         with _open_source(source, env) as stream:
             v = validate_stream(
-                stream, source=source, file_id=file_id, arrival=arrival, settings=settings, work_dir=Path(tmp)
+                stream, source=source, file_id=file_id, arrival=arrival, settings=settings, work_dir=tmp
             )
         return _keep_validation(v, arrival, staging, env, settings.execution_id)
 
@@ -250,7 +255,8 @@ def run_merge(
 ) -> dict[str, Any]:
     if env is None:
         store = LocalStore(local_staging or Path("shopkpi-staging"))
-        result = merge_local(store, settings, _work(settings) / "merge", force)
+        with _scratch(settings, "merge") as scratch:
+            result = merge_local(store, settings, scratch, force)
         daily, category = current_kpis(store)
         return {**msgspec.structs.asdict(result), "kpis": _kpis(daily, category)}
     ledger, tables = env.ledger(), env.kpi_tables()
@@ -283,11 +289,11 @@ def run_merge(
             )
             return int(stats.written + stats.removed)
 
-        with context(stage="merge"):
+        with context(stage="merge"), _scratch(settings, "merge") as scratch:
             result, _, _ = merge(
                 env.staging,
                 generation=generation,
-                scratch=_work(settings) / "merge",
+                scratch=scratch,
                 publish=publish,
                 force_dates=force,
                 buckets=settings.buckets,
@@ -312,11 +318,59 @@ def _work(settings: Settings) -> Path:
     return settings.work_dir
 
 
+_SCRATCH = re.compile(r"(?:validate|merge)-(\d+)-\w+")
+
+
+@contextmanager
+def _scratch(settings: Settings, kind: str) -> Iterator[Path]:
+    """A private scratch directory in the work directory, removed afterwards.
+
+    A killed task cannot clean up, so each directory is named after its process and every task first removes the
+    directories of processes that no longer exist (locally, tasks share one work directory; on Fargate each task has
+    its own disk and this finds nothing).
+    """
+    root = _work(settings)
+    for old in root.iterdir():
+        found = _SCRATCH.fullmatch(old.name)
+        if found and old.is_dir() and not _alive(int(found.group(1))):
+            log.info("task.scratch_swept", path=str(old))
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 # --- command line --------------------------------------------------------------------------------------------
-def _report_result(
-    result: dict[str, Any] | None, error: ShopKpiError | None, env: Env | None, settings: Settings
-) -> None:
+def _callback(env: Env | None, settings: Settings) -> Callback | None:
+    """The Step Functions callback of this task, when it was started with a task token."""
     token = os.environ.get("SHOPKPI_TASK_TOKEN")
+    if not token:
+        return None
+    from processor.aws import make_clients
+    from processor.aws.callback import Callback
+
+    clients = env.clients if env is not None else make_clients(settings)
+    return Callback(clients.stepfunctions, token)
+
+
+def _report_result(result: dict[str, Any] | None, error: ShopKpiError | None, callback: Callback | None) -> int:
+    """Print the result line, send it to Step Functions; return the exit status.
+
+    A result Step Functions did not take is a failure of the task, reported as such (its cause names why), so the
+    state fails at once instead of waiting for a heartbeat timeout.
+    """
     body = {
         "event": "task.result",
         "ok": error is None,
@@ -325,55 +379,83 @@ def _report_result(
     }
     sys.stdout.buffer.write(orjson.dumps(body, default=str) + b"\n")
     sys.stdout.flush()
-    if token:
-        from processor.aws import make_clients
-
-        sfn = env.clients.stepfunctions if env is not None else make_clients(settings).stepfunctions
+    status = 0 if error is None else 1 if error.retryable else 2
+    if callback is None:
+        return status
+    try:
         if error is None:
-            sfn.send_task_success(taskToken=token, output=orjson.dumps(result, default=str).decode())
+            callback.succeed(result or {})
         else:
-            sfn.send_task_failure(taskToken=token, error=error.code, cause=error.message[:32000])
+            callback.fail(error.code, error.message)
+        return status
+    except ShopKpiError as e:
+        log.error("task.report_failed", code=e.code, message=e.message)
+        if error is None:
+            try:
+                callback.fail(e.code, f"the task finished but its result was not accepted: {e.message}")
+            except ShopKpiError as again:
+                log.error("task.report_failed", code=again.code, message=again.message)
+        return 1 if e.retryable else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --staging is accepted before or after the command (``shopkpi-task validate f.csv --staging DIR``): the
+    # subcommands share it through a parent whose default is SUPPRESS, so a value given first is not reset.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--staging", default=argparse.SUPPRESS, help=_STAGING_HELP)
     p = argparse.ArgumentParser(prog="shopkpi-task", description="shopkpi ECS task entry points")
-    p.add_argument("--staging", help="local staging directory, for local sources (default ./shopkpi-staging)")
+    p.add_argument("--staging", help=_STAGING_HELP)
     sub = p.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="validate one file (s3:// URI or local path)")
+    v = sub.add_parser("validate", parents=[common], help="validate one file (s3:// URI or local path)")
     v.add_argument("source")
-    t = sub.add_parser("transform", help="commit an accepted file's staged segment and archive the original")
+    t = sub.add_parser(
+        "transform", parents=[common], help="commit an accepted file's staged segment and archive the original"
+    )
     t.add_argument("file_id")
-    q = sub.add_parser("quarantine", help="move a rejected file to rejected/ with its report")
+    q = sub.add_parser("quarantine", parents=[common], help="move a rejected file to rejected/ with its report")
     q.add_argument("file_id")
-    m = sub.add_parser("merge", help="recompute and publish the KPIs of the dates that changed")
+    m = sub.add_parser("merge", parents=[common], help="recompute and publish the KPIs of the dates that changed")
     m.add_argument("--from", dest="date_from", help="also recompute this date range (reprocessing)")
     m.add_argument("--to", dest="date_to")
     return p
 
 
+_STAGING_HELP = "local staging directory, for local sources (default ./shopkpi-staging)"
+
+
 @contextmanager
-def _heartbeat(env: Env | None, settings: Settings) -> Iterator[None]:
+def _heartbeat(env: Env | None, callback: Callback | None, settings: Settings) -> Iterator[None]:
     """While the task works, tell Step Functions it is alive (the state's HeartbeatSeconds catches a dead one) and
-    renew the merge lock's lease, if the task holds it."""
-    token = os.environ.get("SHOPKPI_TASK_TOKEN")
-    if env is None:
+    renew the merge lock's lease, if the task holds it.
+
+    The first beat goes at once: a cold start can use much of the heartbeat window. When Step Functions answers that
+    the token is dead (the state timed out, was retried or its execution ended), nobody waits for this task any more:
+    it stops at once rather than run, and bill, on.
+    """
+    if env is None and callback is None:
         yield
         return
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(settings.heartbeat_s):
-            if token:
+        while True:
+            if callback is not None:
                 try:
-                    env.clients.stepfunctions.send_task_heartbeat(taskToken=token)
-                except Exception as e:  # a missed beat is not fatal; the next one may pass
-                    log.warning("task.heartbeat_failed", error=str(e))
-            renew = env.lease
+                    alive = callback.heartbeat()
+                except ShopKpiError as e:  # a missed beat is not fatal; the next one may pass
+                    log.warning("task.heartbeat_failed", code=e.code, error=e.message)
+                    alive = True
+                if not alive:
+                    log.error("task.abandoned", message="Step Functions no longer waits for this task: stopping")
+                    os._exit(EXIT_ABANDONED)
+            renew = env.lease if env is not None else None
             if renew is not None:
                 try:
                     renew()
                 except Exception as e:  # lost: the merge's fence stops it before its next write
                     log.warning("task.lease_renewal_failed", error=str(e))
+            if stop.wait(settings.heartbeat_s):
+                return
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
@@ -383,18 +465,23 @@ def _heartbeat(env: Env | None, settings: Settings) -> Iterator[None]:
         stop.set()
 
 
+#: Exit status of a task that stopped because Step Functions no longer waits for it.
+EXIT_ABANDONED = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.load()
     configure(settings.log_level)
     local = Path(args.staging) if args.staging else None
     env: Env | None = None
-    result: dict[str, Any] | None = None
+    callback: Callback | None = None
     with context(execution=settings.execution_id, stage=args.command, file=getattr(args, "source", None)):
         try:
             remote = args.command in ("merge", "transform", "quarantine") and local is None
             if getattr(args, "source", "").startswith("s3://") or remote:
                 env = Env(settings)
+            callback = _callback(env, settings)
             commands: dict[str, Callable[[], dict[str, Any]]] = {
                 "validate": lambda: validate(args.source, settings, env, local),
                 "transform": lambda: transform(args.file_id, settings, env, local),
@@ -403,18 +490,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     settings, env, local, (args.date_from, args.date_to) if args.date_from else None
                 ),
             }
-            with _heartbeat(env, settings):
+            with _heartbeat(env, callback, settings):
                 result = commands[args.command]()
         except ShopKpiError as e:
             log.error("task.failed", code=e.code, message=e.message)
-            _report_result(None, e, env, settings)
-            return 1 if e.retryable else 2
+            return _report_result(None, e, callback)
         except Exception as e:  # a bug: report it (terminal) rather than leave the state waiting for a heartbeat
             log.error("task.crashed", exc_info=True, error=repr(e))
-            _report_result(None, InternalError(f"{type(e).__name__}: {e}"), env, settings)
-            return 2
-    _report_result(result, None, env, settings)
-    return 0
+            return _report_result(None, InternalError(f"{type(e).__name__}: {e}"), callback)
+        return _report_result(result, None, callback)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
+from processor import tasks
 from processor.aws import make_clients
 from processor.aws.dynamo import KpiTables, Ledger, create_tables
 from processor.settings import Settings
@@ -150,3 +155,118 @@ def test_local_paths_work_without_aws(write_csv: WriteCsv, tmp_path: Path, capsy
     assert task(capsys, "--staging", staging, "transform", str(result["file_id"]))[0] == 0
     code, merged = task(capsys, "--staging", staging, "merge")
     assert merged["kpis"]["daily"][0]["total_orders"] == 1  # type: ignore[index]
+
+
+def test_options_are_accepted_after_the_command(
+    write_csv: WriteCsv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    staging = str(tmp_path / "st")
+    p = write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")])
+    code, result = task(capsys, "validate", str(p), "--staging", staging)
+    assert code == 0 and result["outcome"] == "accepted"
+    assert (tmp_path / "st" / "reports" / str(result["file_id"]) / "report.json").exists()
+    assert task(capsys, "transform", str(result["file_id"]), "--staging", staging)[0] == 0
+
+
+class StrictStepFunctions:
+    """Step Functions' callback API with the limits AWS enforces and moto does not (output at most 256 KiB)."""
+
+    def __init__(self, refuse: str | None = None) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self.refuse = refuse
+
+    def _error(self, code: str, op: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "refused"}}, op)
+
+    def send_task_success(self, **kw: str) -> None:
+        self.calls.append(("success", kw))
+        if self.refuse:
+            raise self._error(self.refuse, "SendTaskSuccess")
+        if len(kw["output"].encode()) > 256 * 1024:
+            raise self._error("InvalidOutput", "SendTaskSuccess")
+
+    def send_task_failure(self, **kw: str) -> None:
+        self.calls.append(("failure", kw))
+
+    def send_task_heartbeat(self, **kw: str) -> None:
+        self.calls.append(("heartbeat", kw))
+        if self.refuse:
+            raise self._error(self.refuse, "SendTaskHeartbeat")
+
+
+@pytest.fixture
+def callback(monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictStepFunctions]:
+    from processor.aws.callback import Callback
+
+    sfn = StrictStepFunctions()
+    monkeypatch.setattr(tasks, "_callback", lambda env, settings: Callback(sfn, "token-1"))
+    yield sfn
+
+
+def test_a_result_too_big_for_step_functions_is_cut_and_still_reported(
+    tmp_path: Path, callback: StrictStepFunctions, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = [f"unexpected_column_{i:06d}" for i in range(20_000)]
+    p = tmp_path / "orders.csv"
+    p.write_text(
+        ",".join(["order_id", "user_id", "status", "created_at", "num_of_item", *extra])
+        + "\n10,100,complete,2025-03-01T08:00:00,1"
+        + "," * len(extra)
+        + "\n"
+    )
+    code, printed = task(capsys, "validate", str(p), "--staging", str(tmp_path / "st"))
+    assert code == 0 and printed["outcome"] == "accepted"
+    [(kind, sent)] = [c for c in callback.calls if c[0] != "heartbeat"]
+    assert kind == "success"
+    output = json.loads(sent["output"])
+    assert output["outcome"] == "accepted" and output["file_id"] == printed["file_id"]
+    assert len(sent["output"].encode()) <= 8 * 1024
+
+
+def test_a_result_step_functions_refuses_fails_the_task_instead_of_hanging(
+    write_csv: WriteCsv, tmp_path: Path, callback: StrictStepFunctions, capsys: pytest.CaptureFixture[str]
+) -> None:
+    callback.refuse = "ValidationException"
+    p = write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")])
+    code, _ = task(capsys, "validate", str(p), "--staging", str(tmp_path / "st"))
+    assert code == 2
+    failures = [kw for kind, kw in callback.calls if kind == "failure"]
+    assert failures and "not accepted" in failures[0]["cause"]
+
+
+def test_a_task_whose_token_is_dead_stops_itself(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch, callback: StrictStepFunctions
+) -> None:
+    from processor.aws.callback import Callback
+
+    callback.refuse = "TaskTimedOut"
+    exited = threading.Event()
+    codes: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        codes.append(code)
+        exited.set()
+
+    monkeypatch.setattr(tasks.os, "_exit", fake_exit)
+    with tasks._heartbeat(None, Callback(callback, "token-1"), stack):
+        assert exited.wait(10), "the task kept working for a token nobody waits on"
+    assert codes == [tasks.EXIT_ABANDONED]
+    assert callback.calls[0][0] == "heartbeat"  # the first beat goes at once, not after a heartbeat interval
+
+
+def test_scratch_left_by_a_killed_task_is_removed_by_the_next_task(
+    write_csv: WriteCsv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "work"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = work / f"validate-{dead.pid}-k1ll3d"
+    left.mkdir(parents=True)
+    (left / "segment.parquet").write_bytes(b"x" * 1000)
+    mine = work / f"merge-{os.getpid()}-running"  # a live process's scratch is not touched
+    mine.mkdir()
+    monkeypatch.setenv("SHOPKPI_WORK_DIR", str(work))
+    p = write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")])
+    assert task(capsys, "validate", str(p), "--staging", str(tmp_path / "st"))[0] == 0
+    assert not left.exists() and mine.exists()
+    assert sorted(x.name for x in work.iterdir()) == [mine.name]  # and the task removed its own
