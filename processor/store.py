@@ -2,7 +2,7 @@
 
 The merge and the tasks see only this interface, so the same code stages into a directory (``shopkpi process``) or
 under ``staging/`` of the landing bucket (the ECS tasks). Objects are immutable once written except the one state
-pointer (``state/current.json``), which only the holder of the merge lock writes.
+head (``state/head.json``), which only the holder of the merge lock writes.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import io
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,13 +95,22 @@ class LocalStore:
 
 
 class S3StagingStore:
-    """The staging area under ``prefix`` of a bucket; downloads are cached on local disk (immutable objects)."""
+    """The staging area under ``prefix`` of a bucket; downloads are cached on local disk.
+
+    A cached copy is named after the object's ETag and found through a HEAD request, so it is read only while the
+    object is the one that was downloaded. Keys alone are not enough: another stack on the same machine (the embedded
+    stack started again, with generation numbers starting again at 1) writes other objects under the same keys.
+    """
 
     def __init__(self, s3: S3Store, prefix: str, cache_dir: Path) -> None:
         self.s3 = s3
         self.prefix = prefix.rstrip("/") + "/"
         self.cache = cache_dir
         cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def _cached(self, key: str) -> Path:
+        etag = self.s3.head(self.prefix + key).etag
+        return self.cache / f"{key}{_VERSION}{etag}"
 
     def put_file(self, local: Path, key: str) -> None:
         self.s3.upload(local, self.prefix + key)
@@ -114,17 +124,22 @@ class S3StagingStore:
         return self.s3.get_bytes(self.prefix + key)
 
     def local_path(self, key: str) -> Path:
-        dest = self.cache / key
+        dest = self._cached(key)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".part")
+            name = dest.name.rpartition(_VERSION)[0]
+            for stale in dest.parent.glob(f"*{_VERSION}*"):  # other versions of this key: never read again
+                if stale.name.rpartition(_VERSION)[0] == name:
+                    stale.unlink(missing_ok=True)
+            tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}.part")
             self.s3.download(self.prefix + key, tmp)
             tmp.replace(dest)
         return dest
 
     def open(self, key: str) -> IO[bytes]:
-        if (self.cache / key).exists():
-            return (self.cache / key).open("rb")
+        cached = self._cached(key)
+        if cached.exists():
+            return cached.open("rb")
         return io.BufferedReader(self.s3.open_ranged(self.prefix + key), buffer_size=1 << 20)
 
     def list_keys(self, prefix: str) -> Iterator[str]:
@@ -133,3 +148,7 @@ class S3StagingStore:
 
     def delete(self, key: str) -> None:
         self.s3.delete(self.prefix + key)
+
+
+#: Separates a cached object's key from its ETag in the cache's file names.
+_VERSION = "@etag-"

@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
+import urllib.request
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
@@ -112,6 +114,10 @@ class EmbeddedStack:
                 p.wait()
         moto_patches.uninstall()
         if self._server:
+            # moto keeps its state in this process: forget it, as a stopped `shopkpi local up` process would, so a
+            # stack started later in the same process (tests) begins empty.
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"))
             self._server.stop()
         for k, v in self._saved_env.items():
             if v is None:

@@ -240,3 +240,24 @@ def test_uri_helpers() -> None:
     for bad in ("/local/file.csv", "s3:///key", "http://b/k"):
         with pytest.raises(ConfigError):
             split_uri(bad)
+
+
+def test_staging_cache_never_serves_another_stacks_object_under_the_same_key(tmp_path: Path) -> None:
+    # Two stacks in turn on one machine share the work directory; the second writes other bytes under the same keys.
+    from moto import mock_aws
+
+    from processor.store import S3StagingStore
+
+    cache = tmp_path / "staging-cache"
+    seen = []
+    for content in (b"first stack's state", b"second stack's state"):
+        with mock_aws():
+            client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+            client.create_bucket(Bucket=BUCKET)
+            staging = S3StagingStore(S3Store(client, BUCKET), "staging", cache)
+            staging.put_bytes("state/aggregates/daily-1.parquet", content)
+            seen.append(staging.local_path("state/aggregates/daily-1.parquet").read_bytes())
+            with staging.open("state/aggregates/daily-1.parquet") as f:
+                seen.append(f.read())
+    assert seen == [b"first stack's state"] * 2 + [b"second stack's state"] * 2
+    assert len(list(cache.rglob("daily-1.parquet*"))) == 1  # the first stack's copy is gone, not kept beside
