@@ -7,6 +7,7 @@ Money is carried as integer cents and rates as exact components; rounding happen
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 import msgspec
@@ -23,6 +24,31 @@ def ratio(numerator: int | Decimal, denominator: int, scale: int = 1) -> Decimal
     if denominator == 0:
         return Decimal("0.00")
     return (Decimal(numerator) * scale / Decimal(denominator)).quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+# Decimals as JSON numbers written with their digits (``10.50``), never through a binary float (``10.5``,
+# ``1.000000000000005e+16``): SPEC section 3.
+_JSON = msgspec.json.Encoder(decimal_format="number")
+
+
+def _json_ready(value: object) -> object:
+    if isinstance(value, Decimal):
+        # Every Decimal a user sees is money, a rate or an average: exactly two places, even if one was not quantized.
+        return value.quantize(CENT, rounding=ROUND_HALF_UP)
+    if isinstance(value, datetime | date):
+        # isoformat keeps the "+00:00" offsets ``runs --json`` has always printed (msgspec would write "Z").
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def to_json(value: object, *, indent: int = 0) -> bytes:
+    """The JSON users and tools read (``--json``, the dashboard's API): money and rates as exact 2-decimal numbers."""
+    data = _JSON.encode(_json_ready(value))
+    return msgspec.json.format(data, indent=indent) if indent else data
 
 
 class OrderKpi(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,34 +9,20 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from processor.errors import ShopKpiError
 from processor.log import configure
-from processor.model import CategoryKpi, OrderKpi
+from processor.model import CategoryKpi, OrderKpi, to_json
 from processor.settings import Settings
 
 if TYPE_CHECKING:
     from orchestration.release import Plan
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, Decimal):
-        # Exact for 2-decimal amounts: the shortest float repr of such a value is its decimal text.
-        return float(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def kpis_json(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> bytes:
-    return orjson.dumps(
-        {"daily": [k.public() for k in daily], "category": [k.public() for k in category]},
-        default=_json_default,
-        option=orjson.OPT_INDENT_2,
-    )
+    return to_json({"daily": [k.public() for k in daily], "category": [k.public() for k in category]}, indent=2)
 
 
 def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
@@ -61,7 +47,7 @@ def _stack(settings: Settings) -> Any:
 
 
 def _print_json(value: object) -> None:
-    sys.stdout.buffer.write(orjson.dumps(value, default=_json_default, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.buffer.write(to_json(value, indent=2) + b"\n")
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
@@ -178,25 +164,28 @@ def _key_values(items: Sequence[str]) -> dict[str, str]:
 def _print_plan(plan: Plan) -> None:
     from rich.table import Table
 
-    from shopkpi.render import console
+    from shopkpi.render import console, literal
 
-    t = Table(title=f"Plan: {plan.kind} stack {plan.stack} ({plan.account}, {plan.region})", title_justify="left")
+    t = Table(
+        title=literal(f"Plan: {plan.kind} stack {plan.stack} ({plan.account}, {plan.region})"), title_justify="left"
+    )
     for col in ("action", "resource", "type", "replacement"):
         t.add_column(col)
     styles = {"Add": "green", "Remove": "red", "Modify": "yellow"}
     for c in plan.changes:
         style = "red" if c.replacement in ("True", "Conditional") else styles.get(c.action)
-        t.add_row(c.action, c.logical_id, c.resource_type, c.replacement or "", style=style)
+        cells = (c.action, c.logical_id, c.resource_type, c.replacement or "")
+        t.add_row(*map(literal, cells), style=style)
     console.print(t)
     kept = f" (kept from the stack: {', '.join(plan.kept)})" if plan.kept else ""
-    console.print("parameters: " + ", ".join(f"{k}={v}" for k, v in plan.parameters.items()) + kept)
+    console.print(literal("parameters: " + ", ".join(f"{k}={v}" for k, v in plan.parameters.items()) + kept))
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     from rich.table import Table
 
     from orchestration import release
-    from shopkpi.render import console
+    from shopkpi.render import console, literal
 
     parameters = _key_values(args.param)
     if args.alert_email is not None:
@@ -211,13 +200,13 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
         on_plan=_print_plan,
     )
     if result.status == "unchanged":
-        console.print(f"no changes: stack {result.plan.stack} is up to date")
+        console.print(literal(f"no changes: stack {result.plan.stack} is up to date"))
     if result.outputs:
-        t = Table(title=f"Outputs of stack {result.plan.stack}", title_justify="left")
+        t = Table(title=literal(f"Outputs of stack {result.plan.stack}"), title_justify="left")
         t.add_column("output")
         t.add_column("value", overflow="fold")
         for key, value in sorted(result.outputs.items()):
-            t.add_row(key, value)
+            t.add_row(literal(key), literal(value))
         console.print(t)
     return 0
 

@@ -1,4 +1,8 @@
-"""Tables for people (rich). Tools use ``--json`` instead."""
+"""Tables for people (rich). Tools use ``--json`` instead.
+
+Every value from files or from AWS goes through :func:`literal`: rich reads a plain ``str`` as markup, so a category
+named ``[/x]`` would crash the command and ``[link=http://evil.example]Books`` would print a hyperlink to another site.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,24 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 
 console = Console()
+
+# Text is neither parsed for markup nor for emoji codes, but it passes ESC and the other control characters through
+# to the terminal as they are; shown escaped, a name cannot move the cursor or open a hyperlink either.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def literal(value: object) -> Text:
+    """``value`` as text rich prints exactly as it is (no markup, no emoji codes, no control characters)."""
+    return Text(str(value).translate(_CONTROLS))
+
+
+def _add_row(table: Table, *values: object, style: str | None = None) -> None:
+    table.add_row(*(literal(v) for v in values), style=style)
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -29,7 +47,8 @@ def print_files(files: Sequence[ValidationResult], merge: MergeResult | None = N
     for f in files:
         reasons = _reasons(f.reason, f.rejects_by_reason)
         style = "red" if f.outcome == "rejected" else None
-        t.add_row(
+        _add_row(
+            t,
             f.source.rsplit("/", 1)[-1],
             f.dataset or "?",
             f.outcome,
@@ -42,9 +61,11 @@ def print_files(files: Sequence[ValidationResult], merge: MergeResult | None = N
     if merge is not None:
         waiting = _counts({**merge.pending, **merge.late_rejects}) or "none"
         console.print(
-            f"merge: generation {merge.generation}, {merge.files_merged} files applied, "
-            f"{merge.groups_recomputed} orders recomputed, {len(merge.dates)} dates changed, "
-            f"{merge.removed_kpis} KPI items removed, conflicts {merge.conflicts}, waiting/rejected: {waiting}"
+            literal(
+                f"merge: generation {merge.generation}, {merge.files_merged} files applied, "
+                f"{merge.groups_recomputed} orders recomputed, {len(merge.dates)} dates changed, "
+                f"{merge.removed_kpis} KPI items removed, conflicts {merge.conflicts}, waiting/rejected: {waiting}"
+            )
         )
 
 
@@ -65,7 +86,8 @@ def print_daily(daily: Sequence[OrderKpi]) -> None:
     ):
         t.add_column(col, justify="left" if col == "order_date" else "right")
     for k in daily:
-        t.add_row(
+        _add_row(
+            t,
             k.order_date,
             f"{k.total_orders:,}",
             f"{k.total_revenue:,}",
@@ -81,8 +103,8 @@ def print_category(category: Sequence[CategoryKpi]) -> None:
     for col in ("category", "order_date", "daily_revenue", "avg_order_value", "avg_return_rate %"):
         c.add_column(col, justify="left" if col in ("category", "order_date") else "right")
     for ck in category:
-        c.add_row(
-            ck.category, ck.order_date, f"{ck.daily_revenue:,}", f"{ck.avg_order_value:,}", str(ck.avg_return_rate)
+        _add_row(
+            c, ck.category, ck.order_date, f"{ck.daily_revenue:,}", f"{ck.avg_order_value:,}", str(ck.avg_return_rate)
         )
     console.print(c)
 
@@ -94,7 +116,8 @@ def print_outcomes(results: Sequence[dict[str, Any]]) -> None:
     for r in results:
         reasons = _reasons(r.get("reason"), r.get("rejects_by_reason"))
         style = "red" if r.get("outcome") != "accepted" else None
-        t.add_row(
+        _add_row(
+            t,
             str(r["file"]),
             str(r.get("outcome")),
             str(r.get("rows", "")),
@@ -110,7 +133,7 @@ def print_executions(executions: Sequence[dict[str, Any]]) -> None:
     for col in ("name", "status", "started", "stopped"):
         t.add_column(col)
     for e in executions:
-        t.add_row(str(e["name"]), str(e["status"]), str(e.get("startDate", "")), str(e.get("stopDate", "")))
+        _add_row(t, e["name"], e["status"], e.get("startDate", ""), e.get("stopDate", ""))
     console.print(t)
 
 
@@ -120,7 +143,8 @@ def print_ledger(files: Sequence[dict[str, Any]], title: str) -> None:
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
     for f in files:
         reasons = _reasons(f.get("reason"), f.get("rejects_by_reason"))
-        t.add_row(
+        _add_row(
+            t,
             str(f.get("updated_at", ""))[:19],
             str(f.get("source", "")).rsplit("/", 1)[-1],
             str(f.get("dataset")),
