@@ -29,6 +29,20 @@ test *args:
     mypy processor shopkpi loadgen orchestration perf
     python -m pytest "$@"
 
+# install the static checkers tests/infra/test_static_checks.py runs, pinned, under .venv/tools: checkov (in a venv
+# of its own: it pins boto3 and packaging far below ours) and asl-validator (npm; needs node and npm)
+static-tools checkov="3.3.30" asl_validator="4.0.0":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    tools=.venv/tools
+    if [ "$("$tools/checkov/bin/checkov" --version 2>/dev/null)" != "{{checkov}}" ]; then
+        python -m venv "$tools/checkov"
+        "$tools/checkov/bin/python" -m pip install --quiet "checkov=={{checkov}}"
+    fi
+    if [ "$(cd "$tools/node" 2>/dev/null && npm ls asl-validator --depth=0 --parseable --long 2>/dev/null | cut -d: -f2)" != "asl-validator@{{asl_validator}}" ]; then
+        npm install --silent --no-audit --no-fund --prefix "$tools/node" "asl-validator@{{asl_validator}}"
+    fi
+
 # validate and transform local files, print the KPIs
 process *args:
     shopkpi process "$@"
@@ -40,6 +54,11 @@ generate dir size_gb="0.5":
 # multi-GB benchmark: shopkpi process vs bare polars parse vs DuckDB, with peak memory (see docs/performance.md)
 loadtest size_gb="2":
     python -m perf.compare --size-gb {{size_gb}}
+
+# soak test of the pipeline: N files land at once on the embedded stack (repeats and bad files among them); checks
+# that every file ended archived or rejected, the ledger agrees and the KPIs are exact (see docs/operations.md)
+soak files="200" *args:
+    python -m loadgen.soak {{files}} "$@"
 
 # merge cost of one late delivery against the size of the staged history (see docs/performance.md)
 bench-incremental *sizes:

@@ -36,6 +36,12 @@ STRINGS = (
     "AssignPublicIp",
     "AlertTopicArn",
     "DeadLetterQueueUrl",
+    "LedgerTable",
+    # each task kind runs with its own role: validate, which parses untrusted files, never holds merge's rights
+    "ValidateTaskRoleArn",
+    "TransformTaskRoleArn",
+    "QuarantineTaskRoleArn",
+    "MergeTaskRoleArn",
 )
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 

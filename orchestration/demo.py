@@ -96,7 +96,7 @@ def _demo(stack: EmbeddedStack, root: Path, orders: int, seed: int, started: flo
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        finished = operations.wait(op, timeout_s=600, file_ids=[f.file_id for f in landed])
+        finished = operations.wait(op, timeout_s=600, files=landed)
         done.set()
         watcher.join()
         progress.update(wait, completed=len(files))

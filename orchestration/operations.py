@@ -5,7 +5,9 @@ reprocess. Each function is one command's body; the stack is found from its Clou
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,8 @@ class Landed:
     path: Path
     key: str
     file_id: str
+    source: str = ""  # s3://bucket/key
+    landed_at: str = ""  # the object's LastModified (ISO 8601, UTC)
 
 
 def ingest(stack: Stack, paths: list[Path], prefix: str = "incoming") -> list[Landed]:
@@ -78,9 +82,27 @@ def ingest(stack: Stack, paths: list[Path], prefix: str = "incoming") -> list[La
         dataset = detect_dataset(path.name)
         key = f"{prefix}/{dataset.name if dataset else 'unknown'}/{path.name}"
         stack.s3.upload(path, key)
-        etag = stack.s3.head(key).etag
-        landed.append(Landed(path, key, file_id_for(f"s3://{stack.outputs.bucket}/{key}", etag)))
+        info = stack.s3.head(key)
+        source = stack.s3.uri(key)
+        landed.append(Landed(path, key, file_id_for(source, info.etag), source, _iso(info.last_modified)))
     return landed
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def record(stack: Stack, item: Landed) -> dict[str, Any] | None:
+    """The ledger's record of a landed file: its outcome, or the failure the workflow recorded after this upload
+    (a task that crashed, hung or could not start before the file had an id)."""
+    found = stack.ledger.get_file(item.file_id)
+    if found is not None:
+        return found
+    failure = stack.ledger.get_failure(item.source) if item.source else None
+    # Second precision: the landing time comes from S3, the failure time from Step Functions.
+    if failure is not None and str(failure.get("updated_at", ""))[:19] >= item.landed_at[:19]:
+        return failure
+    return None
 
 
 def idle(stack: Stack) -> bool:
@@ -88,13 +110,14 @@ def idle(stack: Stack) -> bool:
     return stack.buffer.depth() == 0 and not stack.workflow.executions("RUNNING", limit=1)
 
 
-def wait(stack: Stack, timeout_s: float, file_ids: list[str] | None = None, settle_s: float = 2.0) -> bool:
-    """Block until the given files have an outcome (if any) and the pipeline is idle for ``settle_s``."""
+def wait(stack: Stack, timeout_s: float, files: Sequence[Landed] = (), settle_s: float = 2.0) -> bool:
+    """Block until the given files have an outcome (or a recorded failure) and the pipeline is idle for
+    ``settle_s``."""
     deadline = time.monotonic() + timeout_s
-    pending = set(file_ids or [])
+    pending = list(files)
     quiet_since: float | None = None
     while time.monotonic() < deadline:
-        pending = {f for f in pending if stack.ledger.get_file(f) is None}
+        pending = [f for f in pending if record(stack, f) is None]
         if not pending and idle(stack):
             quiet_since = quiet_since or time.monotonic()
             if time.monotonic() - quiet_since >= settle_s:
@@ -106,10 +129,22 @@ def wait(stack: Stack, timeout_s: float, file_ids: list[str] | None = None, sett
 
 
 def outcomes(stack: Stack, landed: list[Landed]) -> list[dict[str, Any]]:
+    return [
+        {"file": item.key, "file_id": item.file_id, **(record(stack, item) or {"outcome": "unknown"})}
+        for item in landed
+    ]
+
+
+def failed_executions(stack: Stack, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The executions named in these file records that did not succeed (a merge that failed after its retries,
+    a file that failed...), with their error and cause."""
+    names = sorted({str(r["execution"]) for r in records if r.get("execution")})
+    prefix = stack.outputs.state_machine_arn.replace(":stateMachine:", ":execution:", 1)
     out = []
-    for item in landed:
-        record = stack.ledger.get_file(item.file_id) or {"outcome": "unknown"}
-        out.append({"file": item.key, "file_id": item.file_id, **record})
+    for name in names:
+        described = stack.workflow.describe(f"{prefix}:{name}")
+        if described["status"] not in ("SUCCEEDED", "RUNNING"):
+            out.append({k: described.get(k) for k in ("name", "status", "error", "cause")})
     return out
 
 
@@ -134,7 +169,9 @@ def runs(stack: Stack, limit: int = 20) -> tuple[list[dict[str, Any]], list[dict
 
 
 def rejects(stack: Stack, limit: int = 50) -> list[dict[str, Any]]:
-    return stack.ledger.files(limit=limit, outcome="rejected")
+    """Files rejected by validation and files whose processing failed after its retries, newest first."""
+    found = stack.ledger.files(limit=limit, outcome="rejected") + stack.ledger.files(limit=limit, outcome="failed")
+    return sorted(found, key=lambda f: str(f.get("updated_at", "")), reverse=True)[:limit]
 
 
 def merge_rejects(stack: Stack) -> dict[str, Any]:

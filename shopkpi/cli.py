@@ -52,19 +52,24 @@ def _print_json(value: object) -> None:
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     from orchestration import operations
-    from shopkpi.render import print_outcomes
+    from shopkpi.render import print_failed_executions, print_outcomes
 
     stack = _stack(settings)
     landed = operations.ingest(stack, [Path(p) for p in args.paths])
     print(f"uploaded {len(landed)} files to s3://{stack.outputs.bucket}/incoming/", file=sys.stderr)
     if not args.wait:
         return 0
-    done = operations.wait(stack, args.timeout, [f.file_id for f in landed])
+    done = operations.wait(stack, args.timeout, landed)
     results = operations.outcomes(stack, landed)
     print_outcomes(results)
+    # A file can be accepted while its execution failed later (the merge, after its retries): say so.
+    failed = operations.failed_executions(stack, results)
+    print_failed_executions(failed)
     if not done:
         print(f"timed out after {args.timeout:.0f} s", file=sys.stderr)
         return 4
+    if failed or any(r.get("outcome") not in ("accepted", "rejected") for r in results):
+        return 5
     return 0 if all(r.get("outcome") == "accepted" for r in results) else 3
 
 

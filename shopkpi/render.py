@@ -6,6 +6,7 @@ named ``[/x]`` would crash the command and ``[link=http://evil.example]Books`` w
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,9 @@ from rich.text import Text
 
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 
-console = Console()
+# Piped into a file or another tool, a table keeps its full width: rich's default of 80 columns would cut cells
+# ("total_ord…"). On a terminal, the terminal's width.
+console = Console(width=None if sys.stdout.isatty() else 1000)
 
 # Text is neither parsed for markup nor for emoji codes, but it passes ESC and the other control characters through
 # to the terminal as they are; shown escaped, a name cannot move the cursor or open a hyperlink either.
@@ -114,7 +117,7 @@ def print_outcomes(results: Sequence[dict[str, Any]]) -> None:
     for col in ("file", "outcome", "rows", "rejected", "reason"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
     for r in results:
-        reasons = _reasons(r.get("reason"), r.get("rejects_by_reason"))
+        reasons = _reasons(r.get("reason") or r.get("error_code"), r.get("rejects_by_reason"))
         style = "red" if r.get("outcome") != "accepted" else None
         _add_row(
             t,
@@ -124,6 +127,21 @@ def print_outcomes(results: Sequence[dict[str, Any]]) -> None:
             str(r.get("rejected_rows", "")),
             reasons,
             style=style,
+        )
+    console.print(t)
+
+
+def print_failed_executions(failed: Sequence[dict[str, Any]]) -> None:
+    """Executions that did not succeed, with their error and the start of their cause (the full cause is in
+    ``aws stepfunctions describe-execution`` and the alert)."""
+    if not failed:
+        return
+    t = Table(title="Failed executions", title_justify="left")
+    for col in ("name", "status", "error", "cause"):
+        t.add_column(col, overflow="fold")
+    for e in failed:
+        _add_row(
+            t, str(e["name"]), str(e["status"]), str(e.get("error") or ""), str(e.get("cause") or "")[:300], style="red"
         )
     console.print(t)
 
@@ -142,7 +160,7 @@ def print_ledger(files: Sequence[dict[str, Any]], title: str) -> None:
     for col in ("updated", "source", "dataset", "outcome", "rows", "rejected", "reasons"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
     for f in files:
-        reasons = _reasons(f.get("reason"), f.get("rejects_by_reason"))
+        reasons = _reasons(f.get("reason") or f.get("error_code"), f.get("rejects_by_reason"))
         _add_row(
             t,
             str(f.get("updated_at", ""))[:19],

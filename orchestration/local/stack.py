@@ -167,6 +167,11 @@ class EmbeddedStack:
             "AssignPublicIp": "ENABLED",
             "AlertTopicArn": self.outputs.alert_topic_arn,
             "DeadLetterQueueUrl": self.outputs.workflow_dlq_url,
+            "LedgerTable": self.outputs.ledger_table,
+            **{
+                f"{kind}TaskRoleArn": f"arn:aws:iam::123456789012:role/{resources[f'{kind}TaskRole']}"
+                for kind in ("Validate", "Transform", "Quarantine", "Merge")
+            },
         }
         text = definition.substitute(definition.render(self.numbers), values)
         name = self.outputs.state_machine_arn.rsplit(":", 1)[-1]

@@ -5,9 +5,10 @@ report is a :class:`ShopKpiError` with a stable code. Two AWS rules that moto do
 
 * a task's output is at most 256 KiB (``States.DataLimitExceeded`` otherwise), so :func:`bounded` shrinks a result
   long before that (the whole report is in S3 anyway);
-* a token whose state has timed out or whose execution has ended answers ``TaskTimedOut`` / ``InvalidToken`` /
-  ``TaskDoesNotExist``: :meth:`Callback.heartbeat` reports it as dead, so the task can stop instead of working on
-  for nobody.
+* a token whose state has timed out or whose execution has ended answers ``TaskTimedOut`` (or
+  ``TaskDoesNotExist``): :meth:`Callback.heartbeat` reports it as dead, so the task can stop instead of working on
+  for nobody. ``InvalidToken`` counts as dead only once the token has been accepted before: moto answers it both
+  for an ended execution and, in a race, for a task whose first beat comes before its token is registered.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ OUTPUT_LIMIT = 256 * 1024
 RESULT_LIMIT = 8 * 1024
 #: What the state machine reads from a result; kept when everything else must go.
 ESSENTIAL = ("file_id", "source", "outcome", "reason", "duplicate", "rows", "valid_rows", "report", "rejects")
-_DEAD_TOKEN = frozenset({"TaskTimedOut", "InvalidToken", "TaskDoesNotExist"})
+_DEAD_TOKEN = frozenset({"TaskTimedOut", "TaskDoesNotExist"})
 _LONG_TEXT = 1000
 _LONG_LIST = 50
 
@@ -64,6 +65,7 @@ class Callback:
     def __init__(self, stepfunctions: Any, token: str) -> None:
         self.sfn = stepfunctions
         self.token = token
+        self._accepted = False  # a heartbeat went through: the token was valid
 
     def heartbeat(self) -> bool:
         """Tell Step Functions the task is alive. False when the token is dead: nobody waits for this task."""
@@ -71,9 +73,11 @@ class Callback:
             with aws_call("stepfunctions.send_task_heartbeat"):
                 self.sfn.send_task_heartbeat(taskToken=self.token)
         except ShopKpiError as e:
-            if e.context.get("aws_code") in _DEAD_TOKEN:
+            code = e.context.get("aws_code")
+            if code in _DEAD_TOKEN or (code == "InvalidToken" and self._accepted):
                 return False
             raise
+        self._accepted = True
         return True
 
     def succeed(self, result: dict[str, Any]) -> None:

@@ -606,6 +606,8 @@ _DESERIALIZER = TypeDeserializer()
 _LOCK_KEY: Item = {"pk": _s("LOCK#merge"), "sk": _s("LOCK")}
 _COUNTER_KEY: Item = {"pk": _s("COUNTER#generation"), "sk": _s("COUNTER")}
 _OUTCOMES = ("accepted", "rejected")
+#: Outcomes a file record can show: ``failed`` is written by the workflow's failure path, not by a task.
+_LISTED = (*_OUTCOMES, "failed")
 _CONDITION_FAILED = "ConditionalCheckFailedException"
 
 
@@ -645,6 +647,11 @@ def _deserialize(item: Item) -> dict[str, Any]:
 def _epoch(seconds: float) -> Decimal:
     # Fixed-point, never exponent notation: lease times compare as plain numbers in condition expressions.
     return Decimal(f"{seconds:.6f}")
+
+
+def _failure_key(source: str) -> Item:
+    """Key of the failure record of an S3 object, as the state machine's RecordFailedSource state writes it."""
+    return {"pk": _s(f"SOURCE#{source}"), "sk": _s("FAILED")}
 
 
 def _condition_failed(err: AwsError) -> bool:
@@ -704,7 +711,11 @@ class Ledger:
 
     # --- files ----------------------------------------------------------------------------------------------
     def record_file(self, result: ValidationResult, execution: str) -> None:
-        """Record (or replace, when a file is processed again) the outcome of one file."""
+        """Record (or replace, when a file is processed again) the outcome of one file.
+
+        A failure the workflow recorded for the same S3 object before it was validated is cleared: it has an outcome
+        now.
+        """
         if result.outcome not in _OUTCOMES:
             raise ValueError(f"outcome must be one of {_OUTCOMES}, got {result.outcome!r}")
         record: dict[str, Any] = msgspec.structs.asdict(result)
@@ -716,18 +727,27 @@ class Ledger:
             updated_at=self._now_iso(),
         )
         self._put("dynamodb.put_item", record)
+        if result.source.startswith("s3://"):
+            with aws_call("dynamodb.delete_item", table=self.table, pk=f"SOURCE#{result.source}"):
+                self.client.delete_item(TableName=self.table, Key=_failure_key(result.source))
 
     def get_file(self, file_id: str) -> dict[str, Any] | None:
         item = self._get({"pk": _s(f"FILE#{file_id}"), "sk": _s("OUTCOME")})
         return self._public(item) if item else None
 
+    def get_failure(self, source: str) -> dict[str, Any] | None:
+        """The failure the workflow recorded for an S3 object (``s3://bucket/key``) whose validation never ended
+        (a task that crashed, hung or could not start): it has no file id yet, so it is found by its location."""
+        item = self._get(_failure_key(source))
+        return self._public(item) if item else None
+
     def files(self, limit: int = 50, outcome: str | None = None) -> list[dict[str, Any]]:
-        """The most recent file outcomes, newest first; ``outcome`` keeps only accepted or rejected files."""
-        if outcome is not None and outcome not in _OUTCOMES:
-            raise ValueError(f"outcome must be one of {_OUTCOMES}, got {outcome!r}")
+        """The most recent file outcomes, newest first; ``outcome`` keeps only accepted, rejected or failed files."""
+        if outcome is not None and outcome not in _LISTED:
+            raise ValueError(f"outcome must be one of {_LISTED}, got {outcome!r}")
         if limit <= 0:
             return []
-        items = [i for o in ([outcome] if outcome else _OUTCOMES) for i in self._recent(f"FILE#{o}", limit)]
+        items = [i for o in ([outcome] if outcome else _LISTED) for i in self._recent(f"FILE#{o}", limit)]
         items.sort(key=lambda i: str(i["updated_at"]["S"]), reverse=True)
         return [self._public(i) for i in items[:limit]]
 

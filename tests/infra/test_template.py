@@ -22,7 +22,7 @@ import yaml
 from moto import mock_aws
 
 from orchestration import definition
-from orchestration.deploy import render_template
+from orchestration.deploy import render_template, template_text
 from processor.aws.control import StackOutputs
 from processor.aws.dynamo import table_definitions
 from processor.errors import RETRYABLE_CODES
@@ -34,6 +34,28 @@ pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS::")
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
 ENV = "kpitest"  # EnvironmentName (and stack name) of the moto deployment
+
+
+#: Task kind (a ``shopkpi-task`` subcommand) -> the ``DefinitionSubstitutions`` key of that kind's task role.
+TASK_ROLES = {
+    "validate": "ValidateTaskRoleArn",
+    "transform": "TransformTaskRoleArn",
+    "quarantine": "QuarantineTaskRoleArn",
+    "merge": "MergeTaskRoleArn",
+}
+
+
+def task_kind(state: dict[str, Any]) -> str | None:
+    """The ``shopkpi-task`` subcommand an ``ecs:runTask`` state runs (None for any other state)."""
+    if not str(state.get("Resource", "")).startswith("arn:aws:states:::ecs:runTask"):
+        return None
+    for override in state["Parameters"]["Overrides"]["ContainerOverrides"]:
+        if isinstance(override.get("Command"), list):
+            return str(override["Command"][0])
+        if found := re.match(r"^States\.Array\('([\w-]+)'", str(override.get("Command.$", ""))):
+            return found.group(1)
+    raise AssertionError(f"cannot tell which task an ecs:runTask state runs: {json.dumps(state)[:200]}")
+
 
 
 # --- the template as plain data ------------------------------------------------------------------------------
@@ -245,6 +267,8 @@ SUBSTITUTION_TYPES = {
     "SecurityGroup": "AWS::EC2::SecurityGroup",
     "AlertTopicArn": "AWS::SNS::Topic",
     "DeadLetterQueueUrl": "AWS::SQS::Queue",
+    "LedgerTable": "AWS::DynamoDB::Table",
+    **{key: "AWS::IAM::Role" for key in TASK_ROLES.values()},
 }
 #: Substitutions that are settings, not resources.
 SUBSTITUTION_CONSTANTS = {"AssignPublicIp": {"ENABLED", "DISABLED"}}
@@ -457,6 +481,8 @@ INTEGRATIONS = {
     },
     "arn:aws:states:::sns:publish": {"sns:Publish"},
     "arn:aws:states:::sqs:sendMessage": {"sqs:SendMessage"},
+    "arn:aws:states:::dynamodb:updateItem": {"dynamodb:UpdateItem"},
+    "arn:aws:states:::dynamodb:putItem": {"dynamodb:PutItem"},
 }
 LOG_DELIVERY = {
     "logs:CreateLogDelivery",
@@ -476,6 +502,7 @@ IMAGE_PULL = {
     "ecr:BatchGetImage",
 }
 LOG_WRITE = {"logs:CreateLogStream", "logs:PutLogEvents"}
+KMS_PUBLISH = {"kms:GenerateDataKey", "kms:Decrypt"}
 
 
 def _module_path(name: str) -> Path | None:
@@ -526,7 +553,8 @@ def client_calls(source: str) -> set[tuple[str, str, str]]:
 
     A receiver is a client when it is ``client``/``self.client`` (the service comes from the module's annotation of
     its ``client`` parameters: ``S3Client``, ``DynamoDBClient``), ``...clients.<service>`` /
-    ``make_clients(...).<service>``, or a local name assigned from one of those.
+    ``make_clients(...).<service>``, a name or attribute assigned from one of those, or an attribute assigned from a
+    parameter named after its service (``self.sfn = stepfunctions``).
     """
     tree = ast.parse(source)
     typed = {
@@ -539,12 +567,23 @@ def client_calls(source: str) -> set[tuple[str, str, str]]:
     }
     assert len(typed) <= 1, f"one module, clients of several services: {typed}"
     via_clients = re.compile(r"(?:\bclients|make_clients\([^)]*\))\.(\w+)")
+    # parameters named after a service that hold its client (``stepfunctions: Any``), not a wrapper (``s3: S3Store``)
+    client_params = {
+        n.arg
+        for n in ast.walk(tree)
+        if isinstance(n, ast.arg)
+        and n.arg in IAM_PREFIX
+        and (n.annotation is None or ast.unparse(n.annotation) in ("Any", *CLIENT_TYPES))
+    }
     aliases: dict[str, str] = {}
     for n in ast.walk(tree):
-        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name | ast.Attribute):
             services = set(via_clients.findall(ast.unparse(n.value))) & set(IAM_PREFIX)
+            # ``self.sfn = stepfunctions``: a parameter named after its service (processor.aws.callback.Callback)
+            if isinstance(n.value, ast.Name) and n.value.id in client_params:
+                services = {n.value.id}
             if len(services) == 1:
-                aliases[n.targets[0].id] = services.pop()
+                aliases[ast.unparse(n.targets[0])] = services.pop()
     calls: set[tuple[str, str, str]] = set()
     for function, body in _functions(tree):
         for n in ast.walk(body):
@@ -594,6 +633,20 @@ def role_statements(role: str) -> list[dict[str, Any]]:
     return [s for p in props(role).get("Policies", []) for s in as_list(p["PolicyDocument"]["Statement"])]
 
 
+def task_roles() -> dict[str, str]:
+    """Task kind -> the logical id of the role its ECS states pass (``Overrides.TaskRoleArn``, a substitution)."""
+    subs = state_machine()["DefinitionSubstitutions"]
+    out: dict[str, str] = {}
+    for st in _states(json.loads(state_machine()["DefinitionString"])).values():
+        kind = task_kind(st)
+        if kind is None:
+            continue
+        (placeholder,) = re.findall(r"^\$\{(\w+)\}$", st["Parameters"]["Overrides"].get("TaskRoleArn", ""))
+        (role,) = referenced_ids(subs[placeholder])
+        assert out.setdefault(kind, role) == role, f"two {kind} states run with different roles"
+    return out
+
+
 def role_of(logical_id: str, prop: str) -> str:
     (role,) = referenced_ids(props(logical_id)[prop])
     return role
@@ -615,6 +668,9 @@ def expected_workflow_actions() -> set[str]:
     unknown = used - set(INTEGRATIONS)
     assert not unknown, f"integrations without an IAM mapping in INTEGRATIONS: {unknown}"
     expected = set().union(*(INTEGRATIONS[r] for r in used))
+    topic = props(the_one("AWS::SNS::Topic"))
+    if "arn:aws:states:::sns:publish" in used and "KmsMasterKeyId" in topic:
+        expected |= KMS_PUBLISH  # publishing to an encrypted topic encrypts with its key, as the publisher
     if sm.get("LoggingConfiguration", {}).get("Destinations"):
         expected |= LOG_DELIVERY
     if sm.get("TracingConfiguration", {}).get("Enabled"):
@@ -673,13 +729,42 @@ def test_task_code_calls_are_found_and_control_plane_code_is_not_part_of_a_task(
                     assert called != short, f"{module}.{function} is excluded from the task role but {path} calls it"
 
 
-def test_task_role_grants_exactly_the_aws_actions_the_task_code_calls() -> None:
-    role = role_of(the_one("AWS::ECS::TaskDefinition"), "TaskRoleArn")
+def all_task_grants() -> set[str]:
+    return set().union(*(granted(role) for role in task_roles().values()))
+
+
+def test_task_roles_together_grant_exactly_the_aws_actions_the_task_code_calls() -> None:
+    # Each kind's own share is checked by running it (test_each_task_kind_role_...); this static check covers the
+    # code paths a run does not take (error paths, multipart transfers).
     calls = task_code_actions()
-    diff = policy_diff(granted(role), set(calls))
+    diff = policy_diff(all_task_grants(), set(calls))
     assert not diff, (
-        f"{role}: {diff}\nwhere the code calls what: {json.dumps({k: sorted(v) for k, v in calls.items()}, indent=1)}"
+        f"task roles: {diff}\nwhere the code calls what: "
+        f"{json.dumps({k: sorted(v) for k, v in calls.items()}, indent=1)}"
     )
+
+
+def test_every_ecs_state_runs_with_its_task_kinds_own_role_and_the_task_definition_has_none() -> None:
+    roles = task_roles()
+    assert set(roles) == set(TASK_ROLES) == {"validate", "transform", "quarantine", "merge"}
+    assert len(set(roles.values())) == len(roles), f"task kinds share a role: {roles}"
+    assert "TaskRoleArn" not in props(the_one("AWS::ECS::TaskDefinition")), "a task run without override gets a role"
+    # the kinds are the task entry point's subcommands
+    from processor.tasks import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert set(roles) == set(subcommands or {})
+
+
+def test_image_pull_is_scoped_to_the_stacks_own_repository() -> None:
+    role = role_of(the_one("AWS::ECS::TaskDefinition"), "ExecutionRoleArn")
+    for s in role_statements(role):
+        actions = set(as_list(s["Action"]))
+        if actions == {"ecr:GetAuthorizationToken"}:
+            assert s["Resource"] == "*"  # no resource-level permissions
+        elif any(a.startswith("ecr:") for a in actions):
+            (resource,) = as_list(s["Resource"])
+            assert sub_text(resource).endswith(":repository/${EnvironmentName}"), resource
 
 
 def test_task_execution_role_only_pulls_the_image_and_writes_the_task_logs() -> None:
@@ -702,7 +787,7 @@ def test_workflow_role_grants_exactly_what_the_definitions_integrations_logging_
     assert referenced_ids(by_action["sqs:SendMessage"]["Resource"]) == referenced_ids(subs["DeadLetterQueueUrl"])
     task = the_one("AWS::ECS::TaskDefinition")
     passed = referenced_ids(by_action["iam:PassRole"]["Resource"])
-    assert passed == {role_of(task, "TaskRoleArn"), role_of(task, "ExecutionRoleArn")}
+    assert passed == set(task_roles().values()) | {role_of(task, "ExecutionRoleArn")}
     assert by_action["iam:PassRole"]["Condition"]["StringEquals"]["iam:PassedToService"] == "ecs-tasks.amazonaws.com"
     assert sub_text(subs["TaskDefinition"]) in sub_text(by_action["ecs:RunTask"]["Resource"])
 
@@ -720,7 +805,7 @@ def test_pipe_role_only_reads_the_buffer_starts_the_workflow_and_writes_its_log(
 def test_every_role_is_checked_trusts_only_its_service_and_has_no_unchecked_policy() -> None:
     task = the_one("AWS::ECS::TaskDefinition")
     trusted = {
-        role_of(task, "TaskRoleArn"): "ecs-tasks.amazonaws.com",
+        **{role: "ecs-tasks.amazonaws.com" for role in task_roles().values()},
         role_of(task, "ExecutionRoleArn"): "ecs-tasks.amazonaws.com",
         role_of(the_one("AWS::StepFunctions::StateMachine"), "RoleArn"): "states.amazonaws.com",
         role_of(the_one("AWS::Pipes::Pipe"), "RoleArn"): "pipes.amazonaws.com",
@@ -761,11 +846,11 @@ def test_each_action_is_scoped_to_resources_when_it_can_be_and_to_star_only_when
 
 
 def test_policy_check_fails_on_a_grant_the_code_never_calls_and_on_a_call_the_role_lacks() -> None:
-    role = role_of(the_one("AWS::ECS::TaskDefinition"), "TaskRoleArn")
+    grants = all_task_grants()
     expected = set(task_code_actions())
-    assert "granted but never called: ['dynamodb:Scan']" in policy_diff(granted(role) | {"dynamodb:Scan"}, expected)
+    assert "granted but never called: ['dynamodb:Scan']" in policy_diff(grants | {"dynamodb:Scan"}, expected)
     assert "called but not granted: ['dynamodb:BatchWriteItem']" in policy_diff(
-        granted(role) - {"dynamodb:BatchWriteItem"}, expected
+        grants - {"dynamodb:BatchWriteItem"}, expected
     )
     new_call = (
         "class T:\n    def __init__(self, client: DynamoDBClient) -> None:\n        self.client = client\n"
@@ -795,3 +880,73 @@ def test_tasks_run_on_fargate_in_the_stack_network_with_https_egress_only() -> N
     egress = props("TaskSecurityGroup")["SecurityGroupEgress"]
     assert [(e["IpProtocol"], e["FromPort"], e["ToPort"]) for e in egress] == [("tcp", 443, 443)]
     assert not props("TaskSecurityGroup").get("SecurityGroupIngress")
+
+
+# --- data retention, encryption, naming limits, event delivery ------------------------------------------------
+def test_bucket_and_tables_survive_a_stack_deletion_or_replacement() -> None:
+    stateful = ["LandingBucket", *resources("AWS::DynamoDB::Table")]
+    assert len(stateful) == 4
+    for logical_id in stateful:
+        resource = template()["Resources"][logical_id]
+        assert resource.get("DeletionPolicy") in ("Retain", "Snapshot"), logical_id
+        assert resource.get("UpdateReplacePolicy") in ("Retain", "Snapshot"), logical_id
+
+
+def test_alert_topic_is_encrypted_with_a_stack_key_the_alarms_and_the_workflow_may_use() -> None:
+    topic = props(the_one("AWS::SNS::Topic"))
+    (key,) = referenced_ids(topic["KmsMasterKeyId"])
+    assert template()["Resources"][key]["Type"] == "AWS::KMS::Key"  # alias/aws/sns would refuse the alarms
+    assert props(key)["EnableKeyRotation"] is True
+    (cloudwatch,) = [
+        s for s in props(key)["KeyPolicy"]["Statement"] if s["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    ]
+    assert {"kms:Decrypt", "kms:GenerateDataKey*"} <= set(as_list(cloudwatch["Action"]))
+    role = role_of(the_one("AWS::StepFunctions::StateMachine"), "RoleArn")
+    (kms,) = [s for s in role_statements(role) if set(as_list(s["Action"])) == KMS_PUBLISH]
+    assert referenced_ids(kms["Resource"]) == {key}
+
+
+#: The longest region names (ap-southeast-5, ap-northeast-3 ... are 14 characters; none is longer today).
+LONGEST_REGION = "ap-southeast-5"
+
+
+def test_bucket_name_stays_within_63_characters_for_the_longest_allowed_environment_name() -> None:
+    parameter = template()["Parameters"]["EnvironmentName"]
+    (low, high) = map(int, re.fullmatch(r"\[a-z\]\[a-z0-9-\]\{(\d+),(\d+)\}", parameter["AllowedPattern"]).groups())  # type: ignore[union-attr]
+    longest = "e" * (1 + high)
+    name = sub_text(props("LandingBucket")["BucketName"]).replace("${EnvironmentName}", longest)
+    name = name.replace("${AWS::AccountId}", "123456789012").replace("${AWS::Region}", LONGEST_REGION)
+    assert "${" not in name and len(name) <= 63, f"{name}: {len(name)} characters"
+    assert low >= 1
+
+
+def test_object_created_events_go_to_a_dead_letter_queue_when_the_buffer_cannot_take_them() -> None:
+    (target,) = props("ObjectCreatedRule")["Targets"]
+    (dlq,) = referenced_ids(target["DeadLetterConfig"]["Arn"])
+    assert template()["Resources"][dlq]["Type"] == "AWS::SQS::Queue" and dlq != "BufferQueue"
+    (policy,) = [
+        p for p in resources("AWS::SQS::QueuePolicy").values() if dlq in referenced_ids(p["Properties"]["Queues"])
+    ]
+    (statement,) = [
+        s
+        for s in policy["Properties"]["PolicyDocument"]["Statement"]
+        if s["Principal"] == {"Service": "events.amazonaws.com"} and dlq in referenced_ids(s["Resource"])
+    ]
+    assert statement["Action"] == "sqs:SendMessage"
+    assert referenced_ids(statement["Condition"]["ArnEquals"]["aws:SourceArn"]) == {"ObjectCreatedRule"}
+
+
+def test_rendering_drops_comment_lines_and_nothing_else() -> None:
+    source: dict[str, Any] = yaml.load(template_text(), Loader=CfnLoader)
+    rendered_data = dict(template())
+    source["Resources"]["StateMachine"]["Properties"].pop("DefinitionString")
+    rendered_data["Resources"] = {
+        k: (
+            {**v, "Properties": {p: w for p, w in v["Properties"].items() if p != "DefinitionString"}}
+            if k == "StateMachine"
+            else v
+        )
+        for k, v in rendered_data["Resources"].items()
+    }
+    assert rendered_data == source
+    assert not any(line.lstrip().startswith("#") for line in rendered().splitlines())

@@ -28,6 +28,8 @@ and 1 x 8 s); everything else is fast.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import random
 import shutil
@@ -49,6 +51,8 @@ from orchestration import operations
 from orchestration.local.stack import EmbeddedStack
 from processor.schema import DATASETS
 from processor.settings import Settings
+from processor.stage import file_id_for
+from shopkpi import cli
 from tests.processor.conftest import item as base_item
 from tests.processor.conftest import order, product
 from tests.reference import reference_kpis, reference_rejects
@@ -186,8 +190,7 @@ def land(
     with ThreadPoolExecutor(max_workers=len(paths)) as pool:
         landed = [x for one in pool.map(lambda p: operations.ingest(op, [p]), paths) for x in one]
     wanted = {Path(p) for p in (paths if wait_for is None else wait_for)}
-    ids = [x.file_id for x in landed if x.path in wanted]
-    assert operations.wait(op, WAIT_S, ids, settle_s=SETTLE_S), (
+    assert operations.wait(op, WAIT_S, [x for x in landed if x.path in wanted], settle_s=SETTLE_S), (
         f"pipeline not idle with outcomes for {sorted(p.name for p in wanted)}"
     )
     return landed
@@ -563,6 +566,8 @@ class FailedBatch:
     dead_letters: list[dict[str, Any]]
     wrapped: Wrapped
     hanging: int
+    printed: str  # what `shopkpi ingest --wait` printed
+    exit_status: int
 
 
 @pytest.fixture(scope="module")
@@ -573,10 +578,15 @@ def failed_batch(
     folder = tmp_path_factory.mktemp("failed-batch")
     shop = small_shop(folder, "fail", 1_050_000, "2030-05")
     bad_path = write_csv(folder, "orders_failhang.csv", [order(1_050_900, 1_050_011, "2030-05-20T10:00:00")])
+    paths = [*shop.paths, bad_path]
     with wrapped_tasks(stack, folder, "hang", "orders_failhang.csv") as wrapped:
-        # The hanging file never gets an outcome: wait for the good ones and for the execution to end.
-        landed = land(op, [*shop.paths, bad_path], wait_for=shop.paths)
+        # Landed as a user would, with `shopkpi ingest --wait`: it returns once every file has an outcome, the
+        # hanging one included (recorded as failed by the workflow), and the execution has ended.
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = cli.main(["ingest", *map(str, paths), "--wait", "--timeout", str(WAIT_S)])
         hanging = kill_wrapped(stack, [wrapped.script])
+    landed = [_landed(op, p) for p in paths]
     bad = next(x for x in landed if x.path == bad_path)
     good = [x for x in landed if x.path != bad_path]
     arns = executions_of(op, good)
@@ -585,7 +595,18 @@ def failed_batch(
     history = op.workflow.history(arns[0])
     alerts = read_queue(op, alert_queue, lambda b: bad.key in b.get("Message", ""))
     dead = read_queue(op, op.outputs.workflow_dlq_url, lambda b: b.get("key") == bad.key)
-    return FailedBatch(shop, good, bad, arns[0], described, history, alerts, dead, wrapped, hanging)
+    return FailedBatch(
+        shop, good, bad, arns[0], described, history, alerts, dead, wrapped, hanging, out.getvalue(), status
+    )
+
+
+def _landed(op: operations.Stack, path: Path) -> operations.Landed:
+    """What `operations.ingest` returned for a file the CLI landed."""
+    dataset = next(n for n in sorted(DATASETS, key=len, reverse=True) if path.name.startswith(n))
+    key = f"incoming/{dataset}/{path.name}"
+    etag = hashlib.md5(path.read_bytes()).hexdigest()  # a single-part upload's ETag
+    source = uri(op, key)
+    return operations.Landed(path, key, file_id_for(source, etag), source)
 
 
 def test_hanging_validate_times_out_exhausts_retries_alerts_and_dead_letters(
@@ -623,8 +644,30 @@ def test_one_failing_file_does_not_stop_the_good_files_of_its_batch(
         assert ledger_record(op, x)["outcome"] == "accepted"
         assert not op.s3.exists(x.key)
     assert stored_kpis(op, "2030-05-01", "2030-05-31") == expected_kpis(fb.shop.paths), "good files published"
-    assert op.ledger.get_file(fb.bad.file_id) is None and op.s3.exists(fb.bad.key), "the bad file is left for a retry"
+    assert op.s3.exists(fb.bad.key), "the bad file is left for a retry"
     assert [d["key"] for d in fb.dead_letters] == [fb.bad.key]
+
+
+def test_a_file_failed_after_its_retries_is_recorded_as_failed_and_listed_with_rejects(
+    op: operations.Stack, failed_batch: FailedBatch
+) -> None:
+    fb = failed_batch
+    record = op.ledger.get_failure(fb.bad.source)
+    assert record is not None and record["outcome"] == "failed" and record["error_code"] == "States.Timeout"
+    assert record["execution"] == fb.described["name"]
+    listed = [f for f in operations.rejects(op) if f.get("source") == fb.bad.source]
+    assert [f["outcome"] for f in listed] == ["failed"]
+
+
+def test_ingest_wait_shows_the_failed_file_and_execution_and_exits_non_zero(
+    op: operations.Stack, failed_batch: FailedBatch
+) -> None:
+    fb = failed_batch
+    assert fb.exit_status == 5, fb.printed
+    rows = {line.split()[1]: line for line in fb.printed.splitlines() if "incoming/" in line}
+    assert "failed" in rows[fb.bad.key] and "States.Timeout" in rows[fb.bad.key]
+    assert all("accepted" in rows[x.key] for x in fb.good)
+    assert "Failed executions" in fb.printed and "ShopKpi.FilesFailed" in fb.printed
 
 
 # --- 7. the same object delivered twice --------------------------------------------------------------------------
@@ -688,7 +731,7 @@ def test_generated_shop_landed_in_random_order_gives_exactly_the_reference_kpis(
     for p in files:
         time.sleep(rng.uniform(0.0, 0.5))
         landed += operations.ingest(op, [p])
-    assert operations.wait(op, WAIT_S * 2, [x.file_id for x in landed], settle_s=SETTLE_S)
+    assert operations.wait(op, WAIT_S * 2, landed, settle_s=SETTLE_S)
 
     assert {ledger_record(op, x)["outcome"] for x in landed} == {"accepted"}
     for arn in executions_of(op, landed):
