@@ -25,12 +25,16 @@ class Reason(StrEnum):
     """Why a row or a whole file was rejected. Values are stable codes (see docs/validation.md)."""
 
     # file-level
-    UNREADABLE = "unreadable"  # cannot be read, decoded (UTF-8, gzip) or parsed as CSV
+    UNREADABLE = "unreadable"  # cannot be read or decompressed (gzip), or its header row cannot be read
+    DUPLICATE_COLUMN = "duplicate_column"  # two header names are the same once trimmed and case-folded
     UNKNOWN_DATASET = "unknown_dataset"  # neither the path nor the file name names a dataset
     MISSING_COLUMN = "missing_column"  # a required column is absent from the header
     EMPTY_FILE = "empty_file"  # a header but no data rows
     TOO_MANY_INVALID = "too_many_invalid"  # invalid rows exceed SHOPKPI_MAX_INVALID_SHARE
     # row-level, in the order they are checked (a row gets the first that applies)
+    RECORD_TOO_LONG = "record_too_long"  # longer than SHOPKPI_MAX_RECORD_KB (skipped unread past a prefix)
+    MALFORMED_ROW = "malformed_row"  # wrong number of fields, or a quote that does not open or close a field
+    BAD_ENCODING = "bad_encoding"  # not valid UTF-8, or a NUL byte
     MISSING_REQUIRED = "missing_required"
     BAD_TYPE = "bad_type"
     UNKNOWN_STATUS = "unknown_status"
@@ -49,6 +53,7 @@ class Reason(StrEnum):
 FILE_REASONS = frozenset(
     {
         Reason.UNREADABLE,
+        Reason.DUPLICATE_COLUMN,
         Reason.UNKNOWN_DATASET,
         Reason.MISSING_COLUMN,
         Reason.EMPTY_FILE,

@@ -6,7 +6,9 @@ and its valid rows are appended to one Parquet *segment*, sorted by bucket withi
 some buckets by row-group pruning. Rejected rows are appended to a CSV beside it with their line, reason and column.
 
 The one rule that spans chunks, duplicate primary keys within the file, is exact without holding every key in
-memory: keys are spilled to disk in hash partitions and each partition is checked alone at the end.
+memory: repeats within a chunk are rejected at once, the chunk's distinct keys are spilled to disk in hash
+partitions, and each partition is checked alone at the end (a partition too large to sort in memory is split
+further first). Rejected rows are streamed to disk as they are found; only a few samples per reason stay in memory.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import shutil
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, BinaryIO, cast
 
 import numpy as np
 import polars as pl
@@ -27,12 +30,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from processor.errors import FileRejected, Reason
-from processor.reader import iter_chunks, read_header
+from processor.reader import DEFAULT_MAX_RECORD_BYTES, read_chunks, read_header_line
 from processor.schema import BUCKET, Dataset, Kind, is_gzip
-from processor.validate import LINE, REASON, as_rejects, check_chunk, check_header, empty_rejects
+from processor.validate import (
+    LINE,
+    RAW,
+    REASON,
+    as_rejects,
+    check_chunk,
+    check_header,
+    column_key,
+    empty_rejects,
+    unsplit_rejects,
+)
 
 SAMPLES_PER_REASON = 5
+#: Characters of a rejected record's raw text kept in a report sample (the rejected-rows file has all of it).
+SAMPLE_RAW_CHARS = 200
+#: Extra column names listed in the warning (a header may have thousands).
+_LISTED_EXTRAS = 20
 _SPILL_PARTS = 16
+_HASH_BITS = 4  # log2(_SPILL_PARTS)
+#: Keys of one spill partition sorted in memory at once (16 bytes each with its line): larger ones are split again.
+_PART_KEYS = 1 << 22
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -62,7 +82,7 @@ class IngestOutput:
 
 
 class _RejectSink:
-    """Appends rejected rows to a CSV and keeps counts and a few samples per reason."""
+    """Appends rejected rows to a CSV and keeps counts and a few samples per reason (never the rows themselves)."""
 
     def __init__(self, path: Path, dataset: Dataset) -> None:
         self.path = path
@@ -76,22 +96,38 @@ class _RejectSink:
         if rejected.is_empty():
             return
         self.counts.update(dict(rejected.get_column(REASON).value_counts().iter_rows()))
-        for row in rejected.iter_rows(named=True):
-            if sum(1 for s in self.samples if s[REASON] == row[REASON]) < SAMPLES_PER_REASON:
-                self.samples.append(row)
-            elif len(self.samples) >= SAMPLES_PER_REASON * len(Reason):
-                break
+        sampled = Counter(s[REASON] for s in self.samples)
+        if any(sampled[r] < SAMPLES_PER_REASON for r in self.counts):
+            # The first rows of each reason, picked by polars: a handful of rows reach Python, whatever the chunk.
+            head = rejected.filter(pl.int_range(pl.len()).over(REASON) < SAMPLES_PER_REASON)
+            for row in head.iter_rows(named=True):
+                if sampled[row[REASON]] < SAMPLES_PER_REASON:
+                    sampled[row[REASON]] += 1
+                    self.samples.append(_sample(row))
         rejected.write_csv(self._file, include_header=self._header)
         self._header = False
 
     def close(self) -> None:
         if self._header:  # no rejects: still a valid, empty CSV with a header
             empty_rejects(self._dataset).write_csv(self._file)
+            self._header = False
         self._file.close()
 
 
+def _sample(row: dict[str, Any]) -> dict[str, Any]:
+    raw = row.pop(RAW, None)
+    if raw is not None:
+        row[RAW] = raw if len(raw) <= SAMPLE_RAW_CHARS else raw[:SAMPLE_RAW_CHARS] + "..."
+    return row
+
+
 class _KeySpill:
-    """Primary keys and lines, spilled to disk in hash partitions, to find duplicates in bounded memory."""
+    """Primary keys and lines, spilled to disk in hash partitions, to find duplicates in bounded memory.
+
+    Callers add each key at most once per chunk (repeats within a chunk are found in memory), so a partition holds
+    at most one copy of a key per chunk, and a partition larger than ``_PART_KEYS`` can always be split further by
+    the next bits of the hash.
+    """
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -100,31 +136,61 @@ class _KeySpill:
         self.dir = directory
 
     def add(self, keys: np.ndarray, lines: np.ndarray) -> None:
-        part = ((keys.astype(np.uint64) * _GOLDEN) >> np.uint64(60)).astype(np.int64)
-        order = np.argsort(part, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=_SPILL_PARTS))])
-        k, ln = keys[order], lines[order]
-        for p in range(_SPILL_PARTS):
-            lo, hi = bounds[p], bounds[p + 1]
-            if hi > lo:
-                k[lo:hi].tofile(self._keys[p])
-                ln[lo:hi].tofile(self._lines[p])
+        _partition(keys.astype(np.int64), lines.astype(np.int64), 0, self._keys, self._lines)
 
     def duplicate_lines(self) -> np.ndarray:
-        """Lines whose key repeats an earlier line of the file (the first occurrence is kept)."""
+        """Lines whose key repeats an earlier line of the file (the first occurrence is kept), ascending."""
         for f in (*self._keys, *self._lines):
             f.close()
-        found: list[np.ndarray] = []
-        for p in range(_SPILL_PARTS):
-            keys = np.sort(np.fromfile(self.dir / f"k{p}.bin", dtype=np.int64))
-            if not (keys[1:] == keys[:-1]).any():
-                continue
-            keys = np.fromfile(self.dir / f"k{p}.bin", dtype=np.int64)
-            lines = np.fromfile(self.dir / f"l{p}.bin", dtype=np.int64)
-            df = pl.DataFrame({"k": keys, "l": lines}).sort("l")
-            found.append(df.filter(~pl.col("k").is_first_distinct()).get_column("l").to_numpy())
+        found = [d for p in range(_SPILL_PARTS) if (d := _part_duplicates(self.dir, f"{p}", 0)).size]
         shutil.rmtree(self.dir, ignore_errors=True)
         return np.sort(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
+
+
+def _part_of(keys: np.ndarray, level: int) -> np.ndarray:
+    shift = np.uint64(64 - _HASH_BITS * (level + 1))
+    mask = np.uint64(_SPILL_PARTS - 1)
+    return (((keys.astype(np.uint64) * _GOLDEN) >> shift) & mask).astype(np.int64)
+
+
+def _partition(
+    keys: np.ndarray, lines: np.ndarray, level: int, kfiles: Sequence[BinaryIO], lfiles: Sequence[BinaryIO]
+) -> None:
+    part = _part_of(keys, level)
+    order = np.argsort(part, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=_SPILL_PARTS))])
+    k, ln = keys[order], lines[order]
+    for p in range(_SPILL_PARTS):
+        lo, hi = bounds[p], bounds[p + 1]
+        if hi > lo:
+            k[lo:hi].tofile(kfiles[p])
+            ln[lo:hi].tofile(lfiles[p])
+
+
+def _part_duplicates(directory: Path, name: str, level: int) -> np.ndarray:
+    """Duplicate lines of one partition: sorted by (key, line) in memory, or split by the next hash bits first."""
+    kpath, lpath = directory / f"k{name}.bin", directory / f"l{name}.bin"
+    count = kpath.stat().st_size // 8
+    if count > _PART_KEYS and _HASH_BITS * (level + 2) <= 64:
+        kfiles = [(directory / f"k{name}_{p}.bin").open("wb") for p in range(_SPILL_PARTS)]
+        lfiles = [(directory / f"l{name}_{p}.bin").open("wb") for p in range(_SPILL_PARTS)]
+        with kpath.open("rb") as kf, lpath.open("rb") as lf:
+            while (keys := np.fromfile(kf, dtype=np.int64, count=_PART_KEYS)).size:
+                _partition(keys, np.fromfile(lf, dtype=np.int64, count=keys.size), level + 1, kfiles, lfiles)
+        for f in (*kfiles, *lfiles):
+            f.close()
+        kpath.unlink()
+        lpath.unlink()
+        found = [_part_duplicates(directory, f"{name}_{p}", level + 1) for p in range(_SPILL_PARTS)]
+        return np.concatenate(found)
+    keys = np.fromfile(kpath, dtype=np.int64)
+    if keys.size < 2:
+        return np.empty(0, dtype=np.int64)
+    lines = np.fromfile(lpath, dtype=np.int64)
+    order = np.lexsort((lines, keys))  # by key, then line: each key's first line comes first
+    keys, lines = keys[order], lines[order]
+    repeats: np.ndarray = lines[1:][keys[1:] == keys[:-1]]
+    return repeats
 
 
 def open_local(path: Path) -> IO[bytes]:
@@ -141,6 +207,7 @@ def ingest(
     buckets: int,
     chunk_bytes: int,
     max_invalid_share: float,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> IngestOutput:
     """Validate a CSV byte stream (already decompressed) and stage its valid rows into ``work_dir``.
 
@@ -150,20 +217,30 @@ def ingest(
     work_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     try:
-        header = read_header(stream)
+        header, header_line = read_header_line(stream, max_bytes=max_record_bytes)
     except (OSError, EOFError, zlib.error) as e:
         raise FileRejected(Reason.UNREADABLE, f"cannot read the file: {e}") from e
     check = check_header(header, dataset)
     if check.duplicated:
-        raise FileRejected(Reason.UNREADABLE, f"columns named twice: {', '.join(check.duplicated)}", line=1)
+        spelled = [
+            f"{key} (as {', '.join(repr(h) for h in header if column_key(h) == key)})" for key in check.duplicated
+        ]
+        raise FileRejected(
+            Reason.DUPLICATE_COLUMN,
+            f"columns named twice (names match case-insensitively): {'; '.join(spelled)}",
+            line=header_line,
+            columns=list(check.duplicated),
+        )
     if check.missing:
         raise FileRejected(
             Reason.MISSING_COLUMN,
             f"required columns missing: {', '.join(check.missing)}",
-            line=1,
+            line=header_line,
             missing=list(check.missing),
         )
-    warnings = [f"extra columns ignored: {', '.join(check.extra)}"] if check.extra else []
+    warnings = [_extra_warning(check.extra)] if check.extra else []
+    # The reader names each field by the contract column it matches; extras get placeholder names (then dropped).
+    fields = [c if c is not None else f"_extra_{i}" for i, c in enumerate(check.columns)]
     present = [c for c in dataset.names if c not in check.absent_optional]
     absent = [pl.lit(None, pl.String).alias(c) for c in check.absent_optional]
 
@@ -175,12 +252,29 @@ def ingest(
     sink = _SegmentSink(segment, schema, dataset, buckets, work_dir / "keys")
     try:
         ints = frozenset(c.name for c in dataset.columns if c.kind is Kind.INT and c.name in present)
-        for raw in iter_chunks(stream, header, present, chunk_bytes=chunk_bytes, ints=ints):
-            chunk = raw.with_columns(absent) if absent else raw
-            valid, rejected = check_chunk(chunk, dataset)
-            rows += chunk.height
-            valid_rows += valid.height
+        for chunk in read_chunks(
+            stream,
+            fields,
+            present,
+            chunk_bytes=chunk_bytes,
+            ints=ints,
+            first_line=header_line + 1,
+            max_record_bytes=max_record_bytes,
+        ):
+            rows += chunk.rows.height + chunk.rejects.height
+            if not chunk.rejects.is_empty():
+                rejects.add(unsplit_rejects(chunk.rejects, dataset))
+            if chunk.rows.is_empty():
+                continue
+            raw = chunk.rows.with_columns(absent) if absent else chunk.rows
+            valid, rejected = check_chunk(raw, dataset)
             rejects.add(rejected)
+            # A key repeated within the chunk: found here, so the spill holds each key at most once per chunk.
+            repeated = _repeats(valid.get_column(dataset.key))
+            if repeated is not None:
+                rejects.add(as_rejects(valid.filter(repeated), dataset, Reason.DUPLICATE_KEY, dataset.key))
+                valid = valid.filter(~repeated)
+            valid_rows += valid.height
             if not valid.is_empty():
                 sink.submit(valid)
         sink.close()
@@ -194,11 +288,15 @@ def ingest(
     t0 = time.perf_counter()
     dup_lines = spill.duplicate_lines()
     if len(dup_lines):
-        removed = _drop_lines(segment, dup_lines, schema)
-        rejects.add(as_rejects(removed.drop(BUCKET), dataset, Reason.DUPLICATE_KEY, dataset.key))
-        valid_rows -= removed.height
-        for b, n in removed.get_column(BUCKET).value_counts().iter_rows():
-            bucket_rows[b] -= n
+
+        def drop(removed: pl.DataFrame) -> None:
+            nonlocal valid_rows
+            rejects.add(as_rejects(removed.drop(BUCKET), dataset, Reason.DUPLICATE_KEY, dataset.key))
+            valid_rows -= removed.height
+            for b, n in removed.get_column(BUCKET).value_counts().iter_rows():
+                bucket_rows[b] -= n
+
+        _drop_lines(segment, dup_lines, schema, drop)
     rejects.close()
     timings["duplicates"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
@@ -227,6 +325,22 @@ def ingest(
         warnings=warnings,
         timings=timings,
     )
+
+
+def _repeats(keys: pl.Series) -> pl.Series | None:
+    """Rows whose key repeats an earlier row of the same chunk; None when there are none (ascending keys, the
+    usual export order, are recognised without hashing)."""
+    k = keys.to_numpy()
+    if k.size < 2 or bool((k[1:] > k[:-1]).all()):
+        return None
+    first = keys.is_first_distinct()
+    return None if first.all() else ~first
+
+
+def _extra_warning(extra: tuple[str, ...]) -> str:
+    names = ", ".join(n or "(unnamed)" for n in extra[:_LISTED_EXTRAS])
+    more = f" and {len(extra) - _LISTED_EXTRAS} more" if len(extra) > _LISTED_EXTRAS else ""
+    return f"extra columns ignored: {names}{more}"
 
 
 def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
@@ -284,22 +398,25 @@ class _SegmentSink:
             self.writer.close()
 
 
-def _drop_lines(segment: Path, lines: np.ndarray, schema: pa.Schema) -> pl.DataFrame:
-    """Rewrite the segment without ``lines`` (row group by row group, keeping the layout); return what was dropped."""
+def _drop_lines(segment: Path, lines: np.ndarray, schema: pa.Schema, removed: Callable[[pl.DataFrame], None]) -> None:
+    """Rewrite the segment without ``lines`` (row group by row group, keeping the layout); each group's dropped rows
+    go to ``removed`` at once, so memory holds one row group, not every dropped row."""
     tmp = segment.with_suffix(".dedup.parquet")
-    drop = pl.Series(lines)
-    removed: list[pl.DataFrame] = []
     source = pq.ParquetFile(segment)
     with _writer(tmp, schema) as writer:
         for i in range(source.num_row_groups):
             group = pl.from_arrow(source.read_row_group(i))
             assert isinstance(group, pl.DataFrame)
-            hit = group.get_column(LINE).is_in(drop.implode())
-            if hit.any():
-                removed.append(group.filter(hit))
+            own = group.get_column(LINE)
+            # A group holds lines of one chunk: only the duplicates in its line range are looked up (``lines`` is
+            # sorted), so the work stays proportional to the rows, not groups times duplicates.
+            lo = int(np.searchsorted(lines, int(cast(int, own.min())), side="left"))
+            hi = int(np.searchsorted(lines, int(cast(int, own.max())), side="right"))
+            hit = own.is_in(pl.Series(lines[lo:hi]).implode()) if hi > lo else None
+            if hit is not None and hit.any():
+                removed(group.filter(hit))
                 group = group.filter(~hit)
             if group.height:
                 writer.write_table(group.to_arrow().cast(schema), row_group_size=group.height)
     source.close()
     tmp.replace(segment)
-    return pl.concat(removed)

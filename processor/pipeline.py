@@ -54,6 +54,9 @@ def validate_stream(
     """Validate one file given as a (decompressed) byte stream; ``source`` names the dataset."""
     started = time.perf_counter()
     dataset = detect_dataset(source)
+    # A local name that is not UTF-8 (Python keeps its bytes as surrogates) is shown with those bytes escaped:
+    # reports and logs are JSON, which cannot hold a lone surrogate.
+    source = source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     base: dict[str, Any] = {
         "file_id": file_id,
         "source": source,
@@ -75,6 +78,7 @@ def validate_stream(
                 buckets=settings.buckets,
                 chunk_bytes=settings.chunk_mb << 20,
                 max_invalid_share=settings.max_invalid_share,
+                max_record_bytes=settings.max_record_kb << 10,
             )
         except FileRejected as e:
             ctx = {k: v for k, v in e.context.items() if k != "reason"}

@@ -64,6 +64,9 @@ class Settings:
     buckets: int = field(default=32, metadata={"env": "SHOPKPI_BUCKETS"})
     #: Megabytes of CSV per streamed chunk while validating; bounds the memory of the validation pass.
     chunk_mb: int = field(default=16, metadata={"env": "SHOPKPI_CHUNK_MB"})
+    #: Kibibytes a CSV record may take; a longer one is a rejected row (``record_too_long``), skipped without ever
+    #: being held whole, and so is the rest of a file behind an unclosed quote. Also bounds the header row.
+    max_record_kb: int = field(default=1024, metadata={"env": "SHOPKPI_MAX_RECORD_KB"})
     #: Staged rows (orders + items) the merge recomputes in one pass; bounds the merge's memory.
     merge_rows: int = field(default=1_000_000, metadata={"env": "SHOPKPI_MERGE_ROWS"})
     #: Local scratch directory (ECS ephemeral storage); large inputs are streamed to it, never held in memory.
@@ -103,6 +106,8 @@ class Settings:
             raise ConfigError(f"SHOPKPI_BUCKETS must be 1..4096, got {self.buckets}")
         if self.chunk_mb < 1 or self.merge_rows < 1:
             raise ConfigError("SHOPKPI_CHUNK_MB and SHOPKPI_MERGE_ROWS must be positive")
+        if self.max_record_kb < 1:
+            raise ConfigError(f"SHOPKPI_MAX_RECORD_KB must be positive, got {self.max_record_kb}")
         if self.writer_threads < 1:
             raise ConfigError(f"SHOPKPI_WRITER_THREADS must be positive, got {self.writer_threads}")
 
@@ -118,7 +123,7 @@ def _convert(name: str, raw: str) -> Any:
             return parse_share(raw)
         if name in ("orphan_grace_s", "lock_ttl_s", "heartbeat_s"):
             return parse_duration(raw)
-        if name in ("buckets", "chunk_mb", "merge_rows", "writer_threads"):
+        if name in ("buckets", "chunk_mb", "max_record_kb", "merge_rows", "writer_threads"):
             return int(raw)
         if name == "work_dir":
             return Path(raw)

@@ -15,6 +15,7 @@ again (a duplicate delivery) is a no-op: the file id is derived from the object'
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import msgspec
@@ -39,10 +40,26 @@ def file_id_for(source: str, version: str) -> str:
 
     ``version`` is the S3 ETag (or version id), or size and mtime for a local file: the same object delivered twice
     gets the same id, a changed object a new one.
+
+    A local path that is not valid UTF-8 reaches Python with its bad bytes as lone surrogates (``surrogateescape``).
+    They are hashed as the original bytes (the same encoding the OS layer uses, and unchanged for every valid name,
+    so existing ids stay the same) and replaced by ``_`` in the readable stem, which ends up in keys, file names
+    and JSON that must be valid UTF-8.
     """
     stem = Path(source.split("://", 1)[-1]).name.split(".")[0][:40] or "file"
-    digest = hashlib.sha256(f"{source}\0{version}".encode()).hexdigest()[:16]
+    stem = _LONE_SURROGATE.sub("_", stem)
+    digest = hashlib.sha256(_utf8(f"{source}\0{version}")).hexdigest()[:16]
     return f"{stem}-{digest}"
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")  # U+DC80..U+DCFF: the bytes the OS gave
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")  # any other lone surrogate: still one stable encoding
 
 
 def segment_key(dataset: str, file_id: str) -> str:

@@ -16,6 +16,7 @@ the fast path.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import polars as pl
@@ -26,6 +27,8 @@ from processor.schema import MONEY_DTYPE, STATUSES, TS_DTYPE, Dataset, Kind
 LINE = "_line"
 REASON = "_reason"
 COLUMN = "_column"
+#: Raw text of a record rejected before it could be split into columns (last column of the rejected-rows CSV).
+RAW = "_raw"
 
 _FAST_TS = "%Y-%m-%dT%H:%M:%S"
 _SLOW_TS = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f%#z")
@@ -35,19 +38,27 @@ _SLOW_TS = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f%#z")
 class HeaderCheck:
     missing: tuple[str, ...]  # required columns absent: the file is rejected
     absent_optional: tuple[str, ...]  # optional columns absent: filled with nulls
-    extra: tuple[str, ...]  # unknown columns: ignored with a warning
-    duplicated: tuple[str, ...]  # a column named twice: the file is rejected
+    extra: tuple[str, ...]  # unknown columns (as written): ignored with a warning
+    duplicated: tuple[str, ...]  # a column named twice (case-insensitively): the file is rejected
+    columns: tuple[str | None, ...] = ()  # for each header field, the contract column it names (None: extra)
+
+
+def column_key(name: str) -> str:
+    """How header names compare (SPEC 1): surrounding spaces trimmed, case-insensitive."""
+    return name.strip().casefold()
 
 
 def check_header(header: list[str], dataset: Dataset) -> HeaderCheck:
     names = [h.strip() for h in header]
-    seen: set[str] = set()
-    duplicated = tuple(sorted({n for n in names if n in seen or seen.add(n)}))  # type: ignore[func-returns-value]
+    keys = [column_key(n) for n in names]
+    counts = Counter(k for k in keys if k)  # unnamed fields are extras, never duplicates of each other
+    known = set(dataset.names)
     return HeaderCheck(
-        missing=tuple(c for c in dataset.required if c not in seen),
-        absent_optional=tuple(c.name for c in dataset.columns if not c.required and c.name not in seen),
-        extra=tuple(n for n in names if n not in dataset.names),
-        duplicated=duplicated,
+        missing=tuple(c for c in dataset.required if c not in counts),
+        absent_optional=tuple(c.name for c in dataset.columns if not c.required and c.name not in counts),
+        extra=tuple(n for n, k in zip(names, keys, strict=True) if k not in known),
+        duplicated=tuple(sorted(k for k, n in counts.items() if n > 1)),
+        columns=tuple(k if k in known else None for k in keys),
     )
 
 
@@ -171,15 +182,35 @@ def check_chunk(raw: pl.DataFrame, dataset: Dataset) -> tuple[pl.DataFrame, pl.D
         return valid, empty_rejects(dataset)
     good = ~bad
     rejected = pl.DataFrame(
-        [line, reason.alias(REASON), column.alias(COLUMN)] + [raw.get_column(c) for c in dataset.names]
+        [line, reason.alias(REASON), column.alias(COLUMN)]
+        + [raw.get_column(c).cast(pl.String) for c in dataset.names]
+        + [_nulls(RAW, n)]
     ).filter(bad)
     return valid.filter(good), rejected
 
 
 def empty_rejects(dataset: Dataset) -> pl.DataFrame:
+    """The rejected-rows schema: line, reason, column at fault, the raw values by column, then ``_raw``."""
+    return pl.DataFrame(schema=_reject_schema(dataset))
+
+
+def _reject_schema(dataset: Dataset) -> dict[str, pl.DataType]:
     schema: dict[str, pl.DataType] = {LINE: pl.Int64(), REASON: pl.String(), COLUMN: pl.String()}
     schema.update({c: pl.String() for c in dataset.names})
-    return pl.DataFrame(schema=schema)
+    schema[RAW] = pl.String()
+    return schema
+
+
+def unsplit_rejects(records: pl.DataFrame, dataset: Dataset) -> pl.DataFrame:
+    """Records rejected while reading (``_line``, ``_reason``, ``_raw``) in the rejected-rows schema: no column
+    values (the record could not be split into them), its raw text in ``_raw``."""
+    return records.select(
+        pl.col(LINE).cast(pl.Int64),
+        pl.col(REASON),
+        pl.lit(None, pl.String).alias(COLUMN),
+        *[pl.lit(None, pl.String).alias(c) for c in dataset.names],
+        pl.col(RAW),
+    )
 
 
 def as_rejects(valid_rows: pl.DataFrame, dataset: Dataset, reason: Reason, column: str) -> pl.DataFrame:
@@ -190,18 +221,22 @@ def as_rejects(valid_rows: pl.DataFrame, dataset: Dataset, reason: Reason, colum
         if c.kind is Kind.TS:
             e = e.dt.strftime("%Y-%m-%dT%H:%M:%S%.f")
         exprs.append(e.cast(pl.String).alias(c.name))
+    exprs.append(pl.lit(None, pl.String).alias(RAW))
     return valid_rows.select(exprs)
 
 
 __all__ = [
     "COLUMN",
     "LINE",
+    "RAW",
     "REASON",
     "TS_DTYPE",
     "HeaderCheck",
     "as_rejects",
     "check_chunk",
     "check_header",
+    "column_key",
     "empty_rejects",
     "parse_timestamps",
+    "unsplit_rejects",
 ]

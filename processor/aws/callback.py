@@ -88,4 +88,3 @@ class Callback:
         with aws_call("stepfunctions.send_task_failure", error=code):
             # AWS limits: error 256 characters, cause 32,768.
             self.sfn.send_task_failure(taskToken=self.token, error=code[:256], cause=cause[:32000])
-

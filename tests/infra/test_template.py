@@ -57,7 +57,6 @@ def task_kind(state: dict[str, Any]) -> str | None:
     raise AssertionError(f"cannot tell which task an ecs:runTask state runs: {json.dumps(state)[:200]}")
 
 
-
 # --- the template as plain data ------------------------------------------------------------------------------
 class CfnLoader(yaml.SafeLoader):
     """YAML with CloudFormation's short tags (!Ref, !Sub, !GetAtt, ...) read as their long forms, as plain data."""

@@ -128,11 +128,15 @@ def test_gzip_object_is_streamed_and_bad_rows_are_kept_with_reasons(
 def test_same_object_delivered_twice_is_staged_once(
     stack: Settings, write_csv: WriteCsv, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    src = land(write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]), "incoming/orders/o.csv")
-    _, first = task(capsys, "validate", src)
-    task(capsys, "validate", src)  # the second event for the same object, before the first is committed
+    land(write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]), "incoming/orders/o.csv")
+    etag = boto3.client("s3").head_object(Bucket=BUCKET, Key="incoming/orders/o.csv")["ETag"].strip('"')
+    delivered = event("incoming/orders/o.csv", etag)
+    _, first = task(capsys, "validate", "--event", delivered)
+    task(
+        capsys, "validate", "--event", delivered
+    )  # the second event for the same object, before the first is committed
     _, committed = task(capsys, "transform", str(first["file_id"]))
-    _, again = task(capsys, "validate", src)  # ... and after it was archived
+    _, again = task(capsys, "validate", "--event", delivered)  # ... and after it was archived
     assert committed["committed"] is True
     assert again["outcome"] == "skipped" and again["duplicate"] is True
     assert len(keys("staging/manifest/")) == 1
@@ -270,3 +274,48 @@ def test_scratch_left_by_a_killed_task_is_removed_by_the_next_task(
     assert task(capsys, "validate", str(p), "--staging", str(tmp_path / "st"))[0] == 0
     assert not left.exists() and mine.exists()
     assert sorted(x.name for x in work.iterdir()) == [mine.name]  # and the task removed its own
+
+
+def event(key: str, etag: str | None = None) -> str:
+    """The workflow's input for one landed file: the key URL-encoded as S3 writes it in its events."""
+    from processor.aws.s3 import event_key
+
+    return json.dumps({"bucket": BUCKET, "key": event_key(key), "etag": etag})
+
+
+def test_an_event_key_is_decoded_before_the_object_is_read(
+    stack: Settings, write_csv: WriteCsv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = "incoming/orders/orders red flower+1=2:3.csv"
+    land(write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]), key)
+    code, result = task(capsys, "validate", "--event", event(key))
+    assert code == 0 and result["outcome"] == "accepted" and result["source"] == f"s3://{BUCKET}/{key}"
+
+
+def test_an_event_whose_object_never_existed_is_a_failure_not_a_skip(
+    stack: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, result = task(capsys, "validate", "--event", event("incoming/orders/never landed.csv", "0" * 32))
+    assert code == 2 and result["error"]["code"] == "ShopKpi.NotFound"  # type: ignore[index]
+
+
+def test_an_event_delivered_again_after_its_file_was_archived_is_skipped(
+    stack: Settings, write_csv: WriteCsv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = "incoming/orders/orders_again.csv"
+    land(write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]), key)
+    etag = boto3.client("s3").head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"')
+    code, first = task(capsys, "validate", "--event", event(key, etag))
+    assert task(capsys, "transform", str(first["file_id"]))[0] == 0  # archived: gone from incoming/
+    code, again = task(capsys, "validate", "--event", event(key, etag))
+    assert code == 0 and again["outcome"] == "skipped"
+
+
+def test_a_local_file_name_that_is_not_utf8_is_validated_and_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / os.fsdecode(b"orders_\xff.csv")
+    path.write_text("order_id,user_id,status,created_at,num_of_item\n10,100,complete,2025-03-01T08:00:00,1\n")
+    code, result = task(capsys, "validate", str(path), "--staging", str(tmp_path / "st"))
+    assert code == 0 and result["outcome"] == "accepted"
+    assert str(result["source"]).endswith("orders_\\xff.csv")  # the byte shown escaped, the report valid JSON

@@ -23,7 +23,7 @@ def run(path: Path, dataset: Dataset, tmp_path: Path, share: float = 1.0, chunk_
         return ingest(stream, dataset, tmp_path / "work", buckets=4, chunk_bytes=chunk_bytes, max_invalid_share=share)
 
 
-def rejects_of(out: IngestOutput) -> dict[int, tuple[str, str]]:
+def rejects_of(out: IngestOutput) -> dict[int, tuple[str, str | None]]:
     df = pl.read_csv(out.rejects, infer_schema=False)
     return {int(r["_line"]): (r["_reason"], r["_column"]) for r in df.iter_rows(named=True)}
 
@@ -118,10 +118,11 @@ def test_zero_byte_file_is_empty(tmp_path: Path) -> None:
     assert e.value.reason is Reason.EMPTY_FILE
 
 
-def test_invalid_utf8_rejects_the_file_as_unreadable(tmp_path: Path) -> None:
-    with pytest.raises(FileRejected) as e:
-        run(CASES / "products_bad_utf8.csv", PRODUCTS, tmp_path)
-    assert e.value.reason is Reason.UNREADABLE
+def test_invalid_utf8_rejects_the_row_as_bad_encoding_with_its_bytes_escaped(tmp_path: Path) -> None:
+    out = run(CASES / "products_bad_utf8.csv", PRODUCTS, tmp_path)
+    assert rejects_of(out) == {2: ("bad_encoding", None)}
+    raw = pl.read_csv(out.rejects, infer_schema=False).get_column("_raw").item()
+    assert raw == "1,A,1,Books,\\xff\\xfe,B,2,D"
 
 
 def test_too_many_invalid_rows_reject_the_file_with_counts(tmp_path: Path) -> None:
@@ -196,3 +197,68 @@ def test_a_row_gets_the_first_reason_in_rule_order() -> None:
     valid, rejected = check_chunk(raw, ORDERS)
     assert valid.is_empty()
     assert rejected.select("_reason", "_column").row(0) == ("missing_required", "user_id")
+
+
+ORDERS_HEADER = "order_id,user_id,status,created_at,num_of_item\n"
+
+
+def _order_rows(n: int) -> str:
+    return "".join(f"{i},{i},complete,2025-03-01T00:00:00,1\n" for i in range(1, n + 1))
+
+
+def test_header_names_match_case_insensitively_and_trimmed(tmp_path: Path) -> None:
+    p = tmp_path / "orders.csv"
+    p.write_text(
+        " ORDER_ID ,User_Id,STATUS,Created_At,Returned_At,NUM_OF_ITEM\n"
+        "1,2,returned,2025-03-01T00:00:00,2025-03-02T00:00:00,1\n"
+    )
+    staged = pl.read_parquet(run(p, ORDERS, tmp_path).segment)
+    assert staged.select("order_id", "user_id", "num_of_item").row(0) == (1, 2, 1)
+    assert staged.get_column("returned_at").to_list() == [datetime(2025, 3, 2, tzinfo=UTC)]  # not ignored
+
+
+def test_a_name_repeated_in_another_case_rejects_the_file_naming_it(tmp_path: Path) -> None:
+    p = tmp_path / "orders.csv"
+    p.write_text("order_id,user_id,status,created_at,num_of_item, Order_ID\n1,2,complete,2025-03-01T00:00:00,1,1\n")
+    with pytest.raises(FileRejected) as e:
+        run(p, ORDERS, tmp_path)
+    assert e.value.reason is Reason.DUPLICATE_COLUMN
+    assert e.value.message.endswith("order_id (as 'order_id', 'Order_ID')")
+    assert e.value.context["columns"] == ["order_id"]
+
+
+def test_blank_lines_are_skipped_and_not_counted(tmp_path: Path) -> None:
+    p = tmp_path / "orders.csv"
+    rows = _order_rows(10).splitlines(keepends=True)
+    rows[6] = "7,7,lost,2025-03-01T00:00:00,1\n"
+    p.write_text(ORDERS_HEADER + "".join(rows[:5]) + "\n  \n" + "".join(rows[5:]) + "\n")
+    out = run(p, ORDERS, tmp_path)
+    assert out.rows == 10
+    assert rejects_of(out) == {10: ("unknown_status", "status")}  # its true line: two blank lines before it
+
+
+def test_trailing_blank_line_does_not_tip_the_invalid_share(tmp_path: Path) -> None:
+    p = tmp_path / "orders.csv"
+    p.write_text(ORDERS_HEADER + _order_rows(10) + "\n")
+    out = run(p, ORDERS, tmp_path, share=0.05)
+    assert (out.rows, out.valid_rows) == (10, 10)
+
+
+def test_too_few_and_too_many_fields_are_the_same_row_level_reject(tmp_path: Path) -> None:
+    p = tmp_path / "orders.csv"
+    rows = _order_rows(40).splitlines(keepends=True)
+    rows[9] = "10,10,complete\n"  # line 11
+    rows[19] = "20,20,complete,2025-03-01T00:00:00,1,extra\n"  # line 21
+    p.write_text(ORDERS_HEADER + "".join(rows))
+    out = run(p, ORDERS, tmp_path, share=0.05)
+    assert rejects_of(out) == {11: ("malformed_row", None), 21: ("malformed_row", None)}
+    df = pl.read_csv(out.rejects, infer_schema=False)
+    assert df.columns[-1] == "_raw" and df.columns[:3] == ["_line", "_reason", "_column"]
+    assert df.get_column("_raw").to_list() == ["10,10,complete", "20,20,complete,2025-03-01T00:00:00,1,extra"]
+    assert df.get_column("order_id").null_count() == 2  # no column values: the record could not be split
+
+
+def test_ordinary_rejects_keep_values_by_column_and_no_raw_text(tmp_path: Path) -> None:
+    out = run(CASES / "items_money.csv", ORDER_ITEMS, tmp_path)
+    df = pl.read_csv(out.rejects, infer_schema=False)
+    assert df.get_column("_raw").null_count() == df.height
