@@ -57,8 +57,8 @@ loadtest size_gb="2":
 
 # soak test of the pipeline: N files land at once on the embedded stack (repeats and bad files among them); checks
 # that every file ended archived or rejected, the ledger agrees and the KPIs are exact (see docs/operations.md)
-soak files="200" *args:
-    python -m loadgen.soak {{files}} "$@"
+soak *args:
+    python -m loadgen.soak "$@"
 
 # merge cost of one late delivery against the size of the staged history (see docs/performance.md)
 bench-incremental *sizes:

@@ -5,6 +5,8 @@
 * **numbers** (``MaxConcurrency``, timeouts, heartbeat, retry interval) must become JSON numbers, which
   CloudFormation's ``DefinitionSubstitutions`` cannot do (it substitutes text inside strings), so :func:`render`
   replaces them before the template is deployed;
+* **deadlines** (``ValidateDeadline``...) are numbers derived from the timeouts, written as strings, because they
+  travel as container environment values: a task stops itself at its deadline, just before its state times out;
 * **names and ARNs** (cluster, task definition, subnets, topic, queue) are left for CloudFormation's
   ``DefinitionSubstitutions``, which resolves them from the stack's own resources. Nothing account-specific is
   written in the file.
@@ -23,7 +25,8 @@ NUMBERS: dict[str, int] = {
     "ValidateTimeoutSeconds": 3600,  # a multi-GB file streams in minutes; an hour means it hangs
     "StepTimeoutSeconds": 900,  # transform / quarantine: a commit and a move
     "MergeTimeoutSeconds": 3600,
-    "HeartbeatSeconds": 120,  # tasks beat every 30 s; a dead container is noticed within two minutes
+    # Tasks beat at once, then every 30 s; the window also covers a Fargate cold start (image pull) before the first.
+    "HeartbeatSeconds": 300,
     "RetryIntervalSeconds": 5,
     "ExecutionTimeoutSeconds": 4 * 3600,  # a whole batch; past it the execution times out (and the alarm fires)
 }
@@ -43,7 +46,19 @@ STRINGS = (
     "QuarantineTaskRoleArn",
     "MergeTaskRoleArn",
 )
+#: Deadline placeholder -> the timeout it derives from (see :func:`deadline`).
+DEADLINES = {
+    "ValidateDeadline": "ValidateTimeoutSeconds",
+    "StepDeadline": "StepTimeoutSeconds",
+    "MergeDeadline": "MergeTimeoutSeconds",
+}
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+
+
+def deadline(timeout_s: int) -> int:
+    """Seconds after which a task stops itself: a tenth (at most a minute) before its state's timeout, so that no
+    container outlives the state waiting for it (Step Functions never stops one)."""
+    return timeout_s - min(60, max(1, timeout_s // 10))
 
 
 def source() -> str:
@@ -56,6 +71,8 @@ def render(numbers: Mapping[str, int] | None = None) -> str:
     text = source()
     for name, value in values.items():
         text = text.replace(f'"${{{name}}}"', str(int(value)))
+    for name, timeout in DEADLINES.items():
+        text = text.replace(f'"${{{name}}}"', f'"{deadline(int(values[timeout]))}"')
     left = set(_PLACEHOLDER.findall(text)) - set(STRINGS)
     if left:
         raise ValueError(f"unknown placeholders in the state machine definition: {sorted(left)}")

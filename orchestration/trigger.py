@@ -1,10 +1,12 @@
 """The event trigger: landed-file events, buffered in SQS, become batched Step Functions executions.
 
 On AWS this is an EventBridge Pipe (``infra/template.yaml``: SQS source, batch size 50, batching window 30 s, Step
-Functions target). :class:`LocalPipe` does the same for the embedded stack: it reads the buffer queue, gathers a batch
-for at most ``window_s`` seconds, starts one execution whose input is the batch as a Pipe delivers it (a JSON array
-of SQS records with ``body`` holding the EventBridge event), and deletes the messages once the execution started. The
-state machine is thus fed the same input shape by both.
+Functions target, an input template applied to each record). :class:`LocalPipe` does the same for the embedded stack:
+it reads the buffer queue, gathers a batch for at most ``window_s`` seconds, starts one execution whose input is the
+batch as the Pipe delivers it, and deletes the messages once the execution started. The state machine is thus fed
+the same input by both: a JSON array of ``{"bucket", "key", "etag"}``, the key URL-encoded as S3 writes it in its
+events. Only these three fields travel: 50 whole SQS records (each with its EventBridge event) can pass the 256 KiB
+limit of a Pipe's target input, 50 of these cannot (a key is at most 1,024 bytes, 3 KiB encoded).
 
 Duplicates (an object landing twice, an event delivered twice) are not filtered here: a Pipe cannot either. They are
 harmless downstream, where a file is identified by (key, ETag) and staged once.
@@ -12,25 +14,33 @@ harmless downstream, where a file is identified by (key, ETag) and staged once.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
 
 from processor.aws.control import Queue, Workflow
+from processor.aws.s3 import event_key
 from processor.log import get_logger
 
 log = get_logger("trigger")
 
 
 def pipe_record(message: dict[str, Any]) -> dict[str, Any]:
-    """An SQS message as an EventBridge Pipe passes it to its target."""
+    """An SQS message (an EventBridge "Object Created" event) as the Pipe's input template passes it to its target:
+    ``{"bucket": <$.body.detail.bucket.name>, "key": <$.body.detail.object.key>, "etag": <$.body.detail.object.etag>}``.
+
+    moto's S3 differs from AWS's in two ways here, both undone so the workflow sees what it sees on AWS: it writes the
+    key as it is, where S3 URL-encodes it, and names the ETag ``eTag``, where S3 writes ``etag``.
+    """
+    detail = json.loads(message["Body"])["detail"]
+    obj = detail["object"]
     return {
-        "messageId": message["MessageId"],
-        "receiptHandle": message["ReceiptHandle"],
-        "body": message["Body"],
-        "md5OfBody": message.get("MD5OfBody"),
-        "eventSource": "aws:sqs",
+        "bucket": detail["bucket"]["name"],
+        "key": event_key(obj["key"]),
+        "etag": obj.get("etag", obj.get("eTag")),
     }
+
 
 
 class LocalPipe:

@@ -77,6 +77,9 @@ class Settings:
     lock_ttl_s: float = field(default=900.0, metadata={"env": "SHOPKPI_LOCK_TTL"})
     #: Seconds between Step Functions task heartbeats (must be well under the state's HeartbeatSeconds).
     heartbeat_s: float = field(default=30.0, metadata={"env": "SHOPKPI_HEARTBEAT"})
+    #: Seconds after its start at which a task stops itself, whatever it is doing (0: never). The state machine sets
+    #: it just under the state's timeout: Step Functions never stops a container it no longer waits for.
+    task_deadline_s: float = field(default=0.0, metadata={"env": "SHOPKPI_TASK_DEADLINE"})
     #: Execution id put on every log line (the Step Functions execution name or ARN).
     execution_id: str = field(default="local", metadata={"env": "SHOPKPI_EXECUTION_ID"})
     #: Log level of the JSON logs.
@@ -121,7 +124,7 @@ def _convert(name: str, raw: str) -> Any:
     try:
         if name == "max_invalid_share":
             return parse_share(raw)
-        if name in ("orphan_grace_s", "lock_ttl_s", "heartbeat_s"):
+        if name in ("orphan_grace_s", "lock_ttl_s", "heartbeat_s", "task_deadline_s"):
             return parse_duration(raw)
         if name in ("buckets", "chunk_mb", "max_record_kb", "merge_rows", "writer_threads"):
             return int(raw)

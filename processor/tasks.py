@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 import msgspec
 import orjson
 
-from processor.errors import ConfigError, InternalError, NotFound, ShopKpiError
+from processor.errors import ConfigError, InternalError, LockBusy, NotFound, ShopKpiError
 from processor.ingest import open_local
 from processor.log import configure, context, get_logger
 from processor.merge import Publication, current_kpis, merge
@@ -157,13 +158,39 @@ def _report_prefix(file_id: str) -> str:
 
 
 # --- validate ------------------------------------------------------------------------------------------------
-def validate(source: str, settings: Settings, env: Env | None, local_staging: Path | None) -> dict[str, Any]:
+class LandedEvent(msgspec.Struct, frozen=True):
+    """One landed file as the workflow passes it to ``validate --event`` (the Pipe's input template): the key
+    URL-encoded as S3 writes it in its events, the ETag when the event had one."""
+
+    bucket: str
+    key: str
+    etag: str | None = None
+
+    @property
+    def source(self) -> str:
+        from processor.aws.s3 import join_uri, key_from_event
+
+        return join_uri(self.bucket, key_from_event(self.key))
+
+
+def validate_event(event: LandedEvent, settings: Settings, env: Env | None) -> dict[str, Any]:
+    """Validate the file of a landing event. Its object may be gone because an earlier run of the same event (an
+    at-least-once queue) archived or quarantined it: then there is nothing to do. Gone without a trace of that, the
+    file is lost (a key that was never in the bucket): a failure, so the workflow alerts, never a silent skip."""
+    if env is None:
+        raise ConfigError("validate --event reads from S3: SHOPKPI_BUCKET and the AWS settings must be set")
+    source = event.source
     try:
-        file_id, arrival = _identity(source, env)
+        return validate(source, settings, env, None)
     except NotFound:
-        # A repeated event for an object an earlier run already archived or quarantined: nothing left to do.
-        log.info("file.gone", source=source)
-        return {"source": source, "outcome": "skipped", "duplicate": True, "message": "source no longer exists"}
+        if event.etag is not None and env.s3.exists(f"{_report_prefix(file_id_for(source, event.etag))}/report.json"):
+            log.info("file.gone", source=source, message="already validated by an earlier delivery of its event")
+            return {"source": source, "outcome": "skipped", "duplicate": True, "message": "source already processed"}
+        raise
+
+
+def validate(source: str, settings: Settings, env: Env | None, local_staging: Path | None) -> dict[str, Any]:
+    file_id, arrival = _identity(source, env)
     staging = env.staging if env else LocalStore(local_staging or Path("shopkpi-staging"))
     if is_committed(staging, file_id):
         log.info("file.duplicate", file_id=file_id)
@@ -263,7 +290,17 @@ def run_merge(
     if ledger is None or tables is None:
         raise ConfigError("SHOPKPI_LEDGER_TABLE, SHOPKPI_ORDER_TABLE and SHOPKPI_CATEGORY_TABLE must be set")
     owner = f"{settings.execution_id}/{uuid.uuid4().hex[:8]}"
-    generation = ledger.acquire_lock(owner, settings.lock_ttl_s)
+    try:
+        generation = ledger.acquire_lock(owner, settings.lock_ttl_s)
+    except LockBusy:
+        # Another merge runs. A plain merge (not a reprocess, whose dates are its own) hands its work over: its files
+        # are committed, and the running merge merges again before it lets go of the lock. So a burst of executions
+        # does not queue on the lock (and fail once its retries run out) for work one merge does.
+        holder = ledger.hand_over(owner) if force is None else None
+        if holder is None:
+            raise
+        log.info("merge.handed_over", holder=holder)
+        return {"handed_over_to": holder}
     started = datetime.now(UTC).isoformat()
     # The lease is renewed with every heartbeat, so a long merge keeps it; a merge that lost it stops before its
     # next write (fence) and never moves the head.
@@ -289,19 +326,27 @@ def run_merge(
             )
             return int(stats.written + stats.removed)
 
-        with context(stage="merge"), _scratch(settings, "merge") as scratch:
-            result, _, _ = merge(
-                env.staging,
-                generation=generation,
-                scratch=scratch,
-                publish=publish,
-                force_dates=force,
-                buckets=settings.buckets,
-                orphan_grace_s=settings.orphan_grace_s,
-                rows_per_pass=settings.merge_rows,
-                fence=fence,
-            )
-        summary = msgspec.structs.asdict(result)
+        rounds = 0
+        while True:
+            rounds += 1
+            with context(stage="merge"), _scratch(settings, "merge") as scratch:
+                result, _, _ = merge(
+                    env.staging,
+                    generation=generation,
+                    scratch=scratch,
+                    publish=publish,
+                    force_dates=force if rounds == 1 else None,
+                    buckets=settings.buckets,
+                    orphan_grace_s=settings.orphan_grace_s,
+                    rows_per_pass=settings.merge_rows,
+                    fence=fence,
+                )
+            if ledger.release_lock(owner, generation, unless_pending=True) or not ledger.take_pending(
+                owner, generation
+            ):
+                break  # released (or lost: the fence stopped any write) -- else a merge handed its files over
+            log.info("merge.again", round=rounds + 1)
+        summary = {**msgspec.structs.asdict(result), "rounds": rounds}
         ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
         return summary
     finally:
@@ -407,7 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staging", help=_STAGING_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", parents=[common], help="validate one file (s3:// URI or local path)")
-    v.add_argument("source")
+    what = v.add_mutually_exclusive_group(required=True)
+    what.add_argument("source", nargs="?", help="s3://bucket/key or a local path")
+    what.add_argument(
+        "--event",
+        type=lambda text: msgspec.json.decode(text, type=LandedEvent),
+        help='the landed file as the workflow passes it: {"bucket", "key" (URL-encoded as in S3 events), "etag"}',
+    )
     t = sub.add_parser(
         "transform", parents=[common], help="commit an accepted file's staged segment and archive the original"
     )
@@ -425,14 +476,16 @@ _STAGING_HELP = "local staging directory, for local sources (default ./shopkpi-s
 
 @contextmanager
 def _heartbeat(env: Env | None, callback: Callback | None, settings: Settings) -> Iterator[None]:
-    """While the task works, tell Step Functions it is alive (the state's HeartbeatSeconds catches a dead one) and
-    renew the merge lock's lease, if the task holds it.
+    """While the task works, tell Step Functions it is alive (the state's HeartbeatSeconds catches a dead one),
+    renew the merge lock's lease if the task holds it, and keep the task's deadline.
 
-    The first beat goes at once: a cold start can use much of the heartbeat window. When Step Functions answers that
-    the token is dead (the state timed out, was retried or its execution ended), nobody waits for this task any more:
-    it stops at once rather than run, and bill, on.
+    The first beat goes at once: a cold start can use much of the heartbeat window. Step Functions never stops a
+    container it no longer waits for, so the task stops itself: when a beat is answered that the token is dead (the
+    state timed out, was retried, or its execution ended), or when its deadline (``SHOPKPI_TASK_DEADLINE``, set by the
+    state just under its timeout) has passed, rather than run, and bill, on for nobody.
     """
-    if env is None and callback is None:
+    deadline = time.monotonic() + settings.task_deadline_s if settings.task_deadline_s > 0 else None
+    if env is None and callback is None and deadline is None:
         yield
         return
     stop = threading.Event()
@@ -454,7 +507,14 @@ def _heartbeat(env: Env | None, callback: Callback | None, settings: Settings) -
                     renew()
                 except Exception as e:  # lost: the merge's fence stops it before its next write
                     log.warning("task.lease_renewal_failed", error=str(e))
-            if stop.wait(settings.heartbeat_s):
+            wait = settings.heartbeat_s
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("task.deadline", seconds=settings.task_deadline_s, message="deadline passed: stopping")
+                    os._exit(EXIT_ABANDONED)
+                wait = min(wait, left)
+            if stop.wait(wait):
                 return
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
@@ -465,7 +525,7 @@ def _heartbeat(env: Env | None, callback: Callback | None, settings: Settings) -
         stop.set()
 
 
-#: Exit status of a task that stopped because Step Functions no longer waits for it.
+#: Exit status of a task that stopped because Step Functions no longer waits for it, or its deadline passed.
 EXIT_ABANDONED = 3
 
 
@@ -476,14 +536,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     local = Path(args.staging) if args.staging else None
     env: Env | None = None
     callback: Callback | None = None
-    with context(execution=settings.execution_id, stage=args.command, file=getattr(args, "source", None)):
+    event = getattr(args, "event", None)
+    source = event.source if event is not None else getattr(args, "source", None)
+    with context(execution=settings.execution_id, stage=args.command, file=source):
         try:
             remote = args.command in ("merge", "transform", "quarantine") and local is None
-            if getattr(args, "source", "").startswith("s3://") or remote:
+            if str(getattr(args, "source", "")).startswith("s3://") or getattr(args, "event", None) or remote:
                 env = Env(settings)
             callback = _callback(env, settings)
             commands: dict[str, Callable[[], dict[str, Any]]] = {
-                "validate": lambda: validate(args.source, settings, env, local),
+                "validate": lambda: (
+                    validate_event(args.event, settings, env)
+                    if args.event
+                    else validate(args.source, settings, env, local)
+                ),
                 "transform": lambda: transform(args.file_id, settings, env, local),
                 "quarantine": lambda: quarantine(args.file_id, settings, env),
                 "merge": lambda: run_merge(

@@ -124,6 +124,7 @@ def install(runner: Runner, *, server_port: int | None = None) -> None:
             _patch_json_path,
             _patch_task_failure_cause,
             _patch_nested_states_errors,
+            _patch_states_all,
             _patch_integration_port,
         ):
             if patch.__name__ not in _installed:
@@ -461,6 +462,40 @@ def _patch_nested_states_errors() -> None:
 
     for module in (iteration_worker, branches_decl):
         _set(module, "CustomErrorName", error_name_for)
+
+
+# --- States.ALL as AWS reads it ------------------------------------------------------------------------------
+def _patch_states_all() -> None:
+    """Stricter than moto: ``States.ALL`` does not match ``States.DataLimitExceeded`` nor ``States.Runtime``.
+
+    Verified on moto 5.2.1: ``ErrorEqualsDecl._eval_body`` (``component/common/error_name/error_equals_decl.py``)
+    matches every error when the list holds ``States.ALL``. AWS documents the two exceptions: a state whose output
+    passes 256 KiB, or whose paths do not resolve, is not caught by a ``States.ALL`` Catch or Retry (only a rule
+    that names ``States.DataLimitExceeded`` catches the first; nothing catches the second). Without this, a failure
+    path that works here would not run on AWS. Keep it: it makes the embedded stack as strict as AWS.
+    """
+    from moto.stepfunctions.parser.asl.component.common.error_name.error_equals_decl import ErrorEqualsDecl
+    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name import StatesErrorName
+    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name_type import (
+        StatesErrorNameType,
+    )
+
+    original = ErrorEqualsDecl._eval_body
+    uncatchable = [
+        StatesErrorName(typ=StatesErrorNameType.StatesStatesDataLimitExceeded),
+        StatesErrorName(typ=StatesErrorNameType.StatesRuntime),
+    ]
+    wildcard = StatesErrorName(typ=StatesErrorNameType.StatesALL)
+
+    def _eval_body(self: Any, env: Any) -> None:
+        error_name = env.stack[-1]
+        if wildcard in self.error_names and error_name in uncatchable:
+            env.stack.pop()
+            env.stack.append(False)
+            return
+        original(self, env)
+
+    _set(ErrorEqualsDecl, "_eval_body", _eval_body)
 
 
 # --- (e) port of moto's own integrations ---------------------------------------------------------------------

@@ -24,6 +24,8 @@ from processor.errors import ShopKpiError
 OUTPUT_LIMIT = 256 * 1024
 #: What a task sends: far below the limit, because a Map iteration's state carries the result beside its input.
 RESULT_LIMIT = 8 * 1024
+#: Bytes of a failure's cause sent to Step Functions (the whole error is in the task's log).
+CAUSE_LIMIT = 8 * 1024
 #: What the state machine reads from a result; kept when everything else must go.
 ESSENTIAL = ("file_id", "source", "outcome", "reason", "duplicate", "rows", "valid_rows", "report", "rejects")
 _DEAD_TOKEN = frozenset({"TaskTimedOut", "TaskDoesNotExist"})
@@ -86,5 +88,7 @@ class Callback:
 
     def fail(self, code: str, cause: str) -> None:
         with aws_call("stepfunctions.send_task_failure", error=code):
-            # AWS limits: error 256 characters, cause 32,768.
-            self.sfn.send_task_failure(taskToken=self.token, error=code[:256], cause=cause[:32000])
+            # AWS allows a cause of 32,768 characters, but a Catch puts it into the state beside the batch (50 files
+            # with their keys): a few KiB say what went wrong and keep that state far from the 256 KiB limit.
+            short = cause.encode()[:CAUSE_LIMIT].decode(errors="ignore")
+            self.sfn.send_task_failure(taskToken=self.token, error=code[:256], cause=short)

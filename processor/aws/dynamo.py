@@ -53,6 +53,7 @@ import msgspec
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
 from processor.aws.clients import aws_call
+from processor.aws.s3 import event_key, join_uri, split_uri
 from processor.errors import AwsError, LockBusy, StaleWriter, Throttled
 from processor.model import CategoryKpi, OrderKpi, ValidationResult
 
@@ -650,8 +651,12 @@ def _epoch(seconds: float) -> Decimal:
 
 
 def _failure_key(source: str) -> Item:
-    """Key of the failure record of an S3 object, as the state machine's RecordFailedSource state writes it."""
-    return {"pk": _s(f"SOURCE#{source}"), "sk": _s("FAILED")}
+    """Key of the failure record of an S3 object, as the state machine's RecordFailedSource state writes it: the
+    SHA-256 of its location in the workflow's input (keys URL-encoded as in S3 events; hashed because an encoded key
+    can pass DynamoDB's 2,048-byte limit on a partition key)."""
+    bucket, key = split_uri(source)
+    digest = hashlib.sha256(join_uri(bucket, event_key(key)).encode()).hexdigest()
+    return {"pk": _s(f"SOURCE#{digest}"), "sk": _s("FAILED")}
 
 
 def _condition_failed(err: AwsError) -> bool:
@@ -728,7 +733,7 @@ class Ledger:
         )
         self._put("dynamodb.put_item", record)
         if result.source.startswith("s3://"):
-            with aws_call("dynamodb.delete_item", table=self.table, pk=f"SOURCE#{result.source}"):
+            with aws_call("dynamodb.delete_item", table=self.table, source=result.source):
                 self.client.delete_item(TableName=self.table, Key=_failure_key(result.source))
 
     def get_file(self, file_id: str) -> dict[str, Any] | None:
@@ -865,31 +870,52 @@ class Ledger:
             raise LockBusy("merge lock taken over while it was being acquired", owner=owner) from None
         return generation
 
+    def _update_lock(self, owner: str, update: str, condition: str, names: dict[str, str], values: Item) -> Item | None:
+        """One conditional update of the lock item: its new attributes, or None when the condition failed."""
+        try:
+            with aws_call("dynamodb.update_item", table=self.table, pk="LOCK#merge", owner=owner):
+                r = self.client.update_item(
+                    TableName=self.table,
+                    Key=_LOCK_KEY,
+                    UpdateExpression=update,
+                    ConditionExpression=condition,
+                    ExpressionAttributeNames=names,
+                    ExpressionAttributeValues=values,
+                    ReturnValues="ALL_NEW",
+                )
+        except AwsError as e:
+            if not _condition_failed(e):
+                raise
+            return None
+        return dict(r["Attributes"])
+
     def renew_lock(self, owner: str, generation: int, ttl_s: float) -> None:
         """Extend the lease of ``owner``'s lock (the one that returned ``generation``) to ``ttl_s`` from now.
 
         Raises :class:`~processor.errors.StaleWriter` when the lease was lost or has already expired: a lapsed
         lease is never revived, since another merge may have taken the lock in the meantime."""
         now = self._clock()
-        try:
-            with aws_call("dynamodb.update_item", table=self.table, pk="LOCK#merge", owner=owner):
-                self.client.update_item(
-                    TableName=self.table,
-                    Key=_LOCK_KEY,
-                    UpdateExpression="SET #e = :e",
-                    ConditionExpression="#o = :o AND #g = :g AND #e > :now",
-                    ExpressionAttributeNames={"#o": "owner", "#g": "generation", "#e": "expires_at"},
-                    ExpressionAttributeValues={
-                        ":o": _s(owner),
-                        ":g": _n(generation),
-                        ":e": _n(_epoch(now + ttl_s)),
-                        ":now": _n(_epoch(now)),
-                    },
-                )
-        except AwsError as e:
-            if not _condition_failed(e):
-                raise
-            raise StaleWriter("merge lock lease lost before it could be renewed", owner=owner) from None
+        renewed = self._update_lock(
+            owner,
+            "SET #e = :e",
+            "#o = :o AND #g = :g AND #e > :now",
+            {"#o": "owner", "#g": "generation", "#e": "expires_at"},
+            {":o": _s(owner), ":g": _n(generation), ":e": _n(_epoch(now + ttl_s)), ":now": _n(_epoch(now))},
+        )
+        if renewed is None:
+            raise StaleWriter("merge lock lease lost before it could be renewed", owner=owner)
+
+    def take_pending(self, owner: str, generation: int) -> bool:
+        """Clear the hand-over mark of ``owner``'s lock; True when there was one (merge again), False when the
+        lock is no longer this holder's."""
+        taken = self._update_lock(
+            owner,
+            "REMOVE #p",
+            "#o = :o AND #g = :g AND attribute_exists(#p)",
+            {"#o": "owner", "#g": "generation", "#p": "pending"},
+            {":o": _s(owner), ":g": _n(generation)},
+        )
+        return taken is not None
 
     def lock_holder(self) -> dict[str, Any] | None:
         """The lock record (owner, expires_at epoch seconds, generation...), even if expired; None if free."""
@@ -915,9 +941,25 @@ class Ledger:
                 current_generation=lock.get("generation"),
             )
 
-    def release_lock(self, owner: str, generation: int | None = None) -> bool:
+    def hand_over(self, owner: str) -> str | None:
+        """Ask the running merge to merge once more before it lets go of the lock: the files this caller's merge
+        was for are committed, and the holder's next round will apply them. Returns the holder, or None when the
+        lock is free or its lease has expired (then take it instead)."""
+        marked = self._update_lock(
+            owner,
+            "SET #p = :p",
+            "attribute_exists(#pk) AND #e > :now AND #o <> :o",
+            {"#pk": "pk", "#p": "pending", "#e": "expires_at", "#o": "owner"},
+            {":p": _s(owner), ":now": _n(_epoch(self._clock())), ":o": _s(owner)},
+        )
+        return None if marked is None else str(_deserialize(marked).get("owner"))
+
+    def release_lock(self, owner: str, generation: int | None = None, *, unless_pending: bool = False) -> bool:
         """Release the lock if ``owner`` (and, when given, ``generation``) still holds it. Returns whether it
-        did; a lock lost to someone else is left alone."""
+        did; a lock lost to someone else is left alone.
+
+        With ``unless_pending``, a lock another merge handed its work over to (:meth:`hand_over`) is kept: call
+        :meth:`take_pending` and merge again."""
         condition = "#o = :o"
         names = {"#o": "owner"}
         values: Item = {":o": _s(owner)}
@@ -925,6 +967,9 @@ class Ledger:
             condition += " AND #g = :g"
             names["#g"] = "generation"
             values[":g"] = _n(generation)
+        if unless_pending:
+            condition += " AND attribute_not_exists(#p)"
+            names["#p"] = "pending"
         try:
             with aws_call("dynamodb.delete_item", table=self.table, pk="LOCK#merge", owner=owner):
                 self.client.delete_item(

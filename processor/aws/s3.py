@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote_plus, unquote_plus
 
 from boto3.s3.transfer import TransferConfig
 
@@ -64,6 +65,21 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 def join_uri(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key}"
+
+
+def event_key(key: str) -> str:
+    """``key`` as S3 writes it in its event notifications: URL-encoded, a space as ``+`` (``red flower.csv`` ->
+    ``red+flower.csv``, ``a=b:c`` -> ``a%3Db%3Ac``), slashes kept; the encoding of Java's URLEncoder, which AWS uses.
+
+    The workflow's input carries keys in this form (the landing events'), and a task decodes them with
+    :func:`key_from_event`: reading an encoded key as it comes finds no object.
+    """
+    return quote_plus(key, safe="/*").replace("~", "%7E")
+
+
+def key_from_event(key: str) -> str:
+    """The object key of an S3 event notification's (URL-encoded) key."""
+    return unquote_plus(key)
 
 
 def is_s3_uri(text: str) -> bool:

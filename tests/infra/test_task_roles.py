@@ -17,7 +17,9 @@ import botocore.client
 import pytest
 
 from processor.aws.dynamo import create_tables
+from processor.aws.s3 import event_key
 from processor.schema import DATASETS
+from processor.stage import file_id_for
 from processor.tasks import main
 from tests.infra.test_template import as_list, granted, policy_diff, role_statements, task_code_actions, task_roles
 from tests.processor.conftest import item, order, product
@@ -240,20 +242,28 @@ def runs(
         "incoming/orders/o.csv": _csv(tmp_path / "orders.csv", [order(10, 100, "2025-03-01T08:00:00")]),
         "incoming/order_items/i.csv": _csv(tmp_path / "order_items.csv", [item(1, 10, 100, 1, "4.00")]),
     }
+
+    def landed(key: str) -> str:
+        """The workflow's input for a landed file, as ``validate --event`` receives it."""
+        etag = s3.head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"')
+        return json.dumps({"bucket": BUCKET, "key": event_key(key), "etag": etag})
+
     for key, path in files.items():
         s3.upload_file(str(path), BUCKET, key)
-        accepted = task("validate", f"s3://{BUCKET}/{key}")
+        accepted = task("validate", "--event", landed(key))
         assert accepted["outcome"] == "accepted"
         task("transform", str(accepted["file_id"]))
     task("merge")
-    # a redelivered event after the move: the source is gone (404, not 403, thanks to s3:ListBucket)
-    assert task("validate", f"s3://{BUCKET}/incoming/orders/o.csv")["outcome"] == "skipped"
+    # a redelivered event after the move: the source is gone (404, not 403, thanks to s3:ListBucket), its report not
     s3.upload_file(str(files["incoming/orders/o.csv"]), BUCKET, "incoming/orders/o.csv")
-    assert task("validate", f"s3://{BUCKET}/incoming/orders/o.csv")["duplicate"] is True
+    event = landed("incoming/orders/o.csv")
+    assert task("validate", "--event", event)["duplicate"] is True
+    task("transform", _file_id(event))
+    assert task("validate", "--event", event)["outcome"] == "skipped"
     bad = tmp_path / "orders_bad.csv"
     bad.write_text("order_id,status\n1,complete\n")
     s3.upload_file(str(bad), BUCKET, "incoming/orders/bad.csv")
-    rejected = task("validate", f"s3://{BUCKET}/incoming/orders/bad.csv")
+    rejected = task("validate", "--event", landed("incoming/orders/bad.csv"))
     assert rejected["outcome"] == "rejected"
     task("quarantine", str(rejected["file_id"]))
     task("merge", "--from", "2025-03-01", "--to", "2025-03-02")
@@ -264,6 +274,11 @@ def runs(
         "LedgerTable": names.ledger,
     }
     yield Runs(physical, by_kind)
+
+
+def _file_id(event: str) -> str:
+    data = json.loads(event)
+    return file_id_for(f"s3://{data['bucket']}/{data['key']}", data["etag"])
 
 
 #: The calls every kind makes through the task token (processor.aws.callback, run by processor.tasks.main for every

@@ -26,7 +26,7 @@ def states(d: dict[str, object]) -> dict[str, dict[str, object]]:
 
 
 def test_every_placeholder_is_a_number_rendered_here_or_a_cloudformation_substitution() -> None:
-    assert definition.placeholders() == set(definition.NUMBERS) | set(definition.STRINGS)
+    assert definition.placeholders() == set(definition.NUMBERS) | set(definition.STRINGS) | set(definition.DEADLINES)
     rendered = definition.render()
     assert set(re.findall(r"\$\{(\w+)\}", rendered)) == set(definition.STRINGS)
     template = TEMPLATE.read_text()
@@ -87,3 +87,18 @@ def test_template_passes_cfn_lint(tmp_path: Path) -> None:
     for path in (TEMPLATE, rendered):
         proc = subprocess.run([str(cfn_lint), str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_ecs_task_stops_itself_before_its_state_times_out() -> None:
+    for numbers in (None, {"ValidateTimeoutSeconds": 60, "StepTimeoutSeconds": 30, "MergeTimeoutSeconds": 60}):
+        found = 0
+        for name, st in states(definition.parsed(numbers)).items():
+            if not str(st.get("Resource", "")).startswith("arn:aws:states:::ecs:runTask"):
+                continue
+            (override,) = st["Parameters"]["Overrides"]["ContainerOverrides"]  # type: ignore[index]
+            env = {e["Name"]: e.get("Value") for e in override["Environment"]}
+            deadline = int(env["SHOPKPI_TASK_DEADLINE"])
+            timeout = int(st["TimeoutSeconds"])  # type: ignore[call-overload]
+            assert 0 < deadline < timeout and timeout - deadline <= 60, (name, deadline, timeout)
+            found += 1
+        assert found == 5  # validate, transform, quarantine, merge, reprocess

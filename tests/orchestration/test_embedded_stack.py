@@ -15,6 +15,7 @@ crash once          ``*_crash.csv``       1_04x_xxx                    2030-04
 hang (one batch)    ``*_fail*.csv``       1_05x_xxx                    2030-05
 duplicates          ``*_dup.csv``         1_07x_xxx                    2030-07
 moved groups        ``*_move*.csv``       1_08x_xxx                    2030-08
+encoded names       ``* *enc*.csv``       1_09x_xxx                    2030-09
 end to end          ``*_e2e.csv``         generated (ids < 1e6)        2029-01
 ==================  ====================  ===========================  ===========
 
@@ -49,6 +50,7 @@ import pytest
 from loadgen.generate import generate
 from orchestration import operations
 from orchestration.local.stack import EmbeddedStack
+from processor.aws.s3 import event_key
 from processor.schema import DATASETS
 from processor.settings import Settings
 from processor.stage import file_id_for
@@ -229,6 +231,11 @@ def entered(history: Sequence[Event]) -> list[str]:
     return [e["stateEnteredEventDetails"]["name"] for e in history if "stateEnteredEventDetails" in e]
 
 
+def validates(command: list[str], key: str) -> bool:
+    """Whether a task command validates the landed file ``key`` (``validate --event {"bucket", "key", "etag"}``)."""
+    return command[:2] == ["validate", "--event"] and json.loads(command[2])["key"] == event_key(key)
+
+
 def task_command(event: Event) -> list[str]:
     """The container command of a TaskScheduled event (``["validate", "s3://..."]``, ``["merge"]``...)."""
     parameters = json.loads(event["taskScheduledEventDetails"]["parameters"])
@@ -360,8 +367,9 @@ class Wrapped:
     revision: str = ""
 
     def calls(self) -> list[str]:
-        """Sources of the validate calls the wrapper intercepted, in order."""
-        return self.marker.read_text().splitlines() if self.marker.exists() else []
+        """Keys of the validate calls the wrapper intercepted, in order (each call's last argument is the event)."""
+        lines = self.marker.read_text().splitlines() if self.marker.exists() else []
+        return [json.loads(line)["key"] for line in lines]
 
 
 @contextlib.contextmanager
@@ -435,15 +443,15 @@ def test_happy_path_lands_through_the_trigger_and_publishes_the_reference_kpis(
     assert {"MapStateEntered", "MapStateSucceeded"} <= set(types)
     assert types.count("MapIterationSucceeded") == 3
     started = json.loads(history[0]["executionStartedEventDetails"]["input"])
-    assert isinstance(started, list) and all("body" in r for r in started), "input is a Pipe's batch of SQS records"
+    assert isinstance(started, list) and all(set(r) == {"bucket", "key", "etag"} for r in started), "the Pipe's input"
     states = entered(history)
     assert states.count("Validate") == states.count("Transform") == 3 and "Quarantine" not in states
     assert states.index("Merge") > states.index("ProcessFiles") and states[-1] == "Done"
     attempts = task_attempts(history)
     assert all(end == "TaskSucceeded" for _, end, _ in attempts)
-    assert sorted(c for c in scheduled(history) if c[0] == "validate") == sorted(
-        ["validate", uri(op, x.key)] for x in landed
-    )
+    validated = [c for c in scheduled(history) if c[0] == "validate"]
+    assert all(c[1] == "--event" for c in validated)
+    assert sorted(json.loads(c[2])["key"] for c in validated) == sorted(x.key for x in landed)
     assert sorted(c for c in scheduled(history) if c[0] == "transform") == sorted(
         ["transform", x.file_id] for x in landed
     )
@@ -538,16 +546,16 @@ def test_validate_task_crashing_once_times_out_and_succeeds_on_retry(
         landed = land(op, [orders])
     (target,) = landed
 
-    assert wrapped.calls() == [uri(op, target.key)] * 2, "crashed once, ran again"
+    assert wrapped.calls() == [target.key] * 2, "crashed once, ran again"
     assert ledger_record(op, target)["outcome"] == "accepted"
     (arn,) = executions_of(op, landed)
     assert finished(op, arn)["status"] == "SUCCEEDED"
     history = op.workflow.history(arn)
-    validate = ["validate", uri(op, target.key)]
-    mine = [(end, error) for command, end, error in task_attempts(history) if command == validate]
+    mine = [(end, error) for command, end, error in task_attempts(history) if validates(command, target.key)]
     assert mine == [("TaskTimedOut", "States.Timeout"), ("TaskSucceeded", None)]
-    assert entered(history).count("Validate") == 1 and scheduled(history).count(validate) == 2, "a Retry, in place"
-    others = [end for command, end, _ in task_attempts(history) if command != validate]
+    assert entered(history).count("Validate") == 1, "a Retry, in place"
+    assert sum(validates(c, target.key) for c in scheduled(history)) == 2
+    others = [end for command, end, _ in task_attempts(history) if not validates(command, target.key)]
     assert others and set(others) == {"TaskSucceeded"}
     assert stored_kpis(op, "2030-04-01", "2030-04-30") == expected_kpis([orders])
     assert stored_kpis(op, "2030-04-01", "2030-04-30")["daily"][0]["total_orders"] == 3
@@ -613,8 +621,7 @@ def test_hanging_validate_times_out_exhausts_retries_alerts_and_dead_letters(
     op: operations.Stack, failed_batch: FailedBatch
 ) -> None:
     fb = failed_batch
-    source = ["validate", uri(op, fb.bad.key)]
-    attempts = [(end, error) for command, end, error in task_attempts(fb.history) if command == source]
+    attempts = [(end, error) for command, end, error in task_attempts(fb.history) if validates(command, fb.bad.key)]
     assert attempts == [("TaskTimedOut", "States.Timeout")] * 3, "first attempt and the two States.Timeout retries"
     assert len(fb.wrapped.calls()) == 3 and fb.hanging == 3
     states = entered(fb.history)
@@ -679,15 +686,19 @@ def test_the_same_object_delivered_twice_is_counted_and_staged_once(op: operatio
     (arn,) = executions_of(op, first)
     records = json.loads(op.workflow.history(arn)[0]["executionStartedEventDetails"]["input"])
     orders_key = next(x.key for x in first if x.path == shop.orders)
-    events = [r["body"] for r in records if json.loads(r["body"])["detail"]["object"]["key"] == orders_key]
+    events = [r for r in records if r["key"] == orders_key]
     assert len(events) == 2, "two S3 events for the two uploads"
+    assert set(events[0]) == {"bucket", "key", "etag"}, "only what the workflow needs travels"
 
     # Later, once archived: the products file uploaded a third time, and an S3 event of the orders file delivered
     # twice more (an at-least-once queue), its object no longer in incoming/.
     before = {e["executionArn"] for e in op.workflow.executions(limit=1000)}
     again = operations.ingest(op, [shop.products])
-    op.buffer.send(events[0])
-    op.buffer.send(events[0])
+    event = {
+        "detail": {"bucket": {"name": events[0]["bucket"]}, "object": {"key": orders_key, "etag": events[0]["etag"]}}
+    }
+    op.buffer.send(json.dumps(event))
+    op.buffer.send(json.dumps(event))
     assert operations.wait(op, WAIT_S, settle_s=SETTLE_S)
     assert again[0].file_id == next(x.file_id for x in first if x.path == shop.products)
 
@@ -800,3 +811,18 @@ def test_reprocessing_unchanged_inputs_succeeds_and_changes_no_kpi_item(
     assert merge["published"] == 0
 
     assert {t: scan(op, t) for t in tables} == before, "no item rewritten: not even computed_at moved"
+
+
+# --- 10. names that S3 events URL-encode -------------------------------------------------------------------------
+def test_file_names_that_s3_events_url_encode_are_processed_not_lost(op: operations.Stack, tmp_path: Path) -> None:
+    # The embedded trigger encodes keys as S3 does ("a b" arrives as "a+b"): read as it comes, no such object exists.
+    shop = small_shop(tmp_path, "enc", 1_090_000, "2030-09")
+    names = ["products_red flower+1.csv", "orders_a=b:c é.csv", "order_items_(1) ~%20.csv"]
+    paths = [p.rename(p.with_name(n)) for p, n in zip(shop.paths, names, strict=True)]
+    landed = land(op, paths)
+    for x in landed:
+        assert ledger_record(op, x)["outcome"] == "accepted", x.key
+        assert not op.s3.exists(x.key), f"{x.key} left in incoming/"
+    archived = {k.rsplit("/", 1)[-1] for k in keys(op, "archive/")}
+    assert set(names) <= archived
+    assert stored_kpis(op, "2030-09-01", "2030-09-30") == expected_kpis(paths)

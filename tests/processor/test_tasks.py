@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
@@ -142,13 +143,52 @@ def test_same_object_delivered_twice_is_staged_once(
     assert len(keys("staging/manifest/")) == 1
 
 
-def test_merge_lock_held_by_another_run_is_a_retryable_failure(
+def test_a_reprocess_that_finds_the_lock_held_is_a_retryable_failure(
     stack: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert stack.ledger_table
     Ledger(make_clients(stack).dynamodb, stack.ledger_table).acquire_lock("other-run", 600)
-    code, result = task(capsys, "merge")
+    code, result = task(capsys, "merge", "--from", "2025-03-01", "--to", "2025-03-02")
     assert code == 1 and result["error"]["code"] == "ShopKpi.LockBusy"  # type: ignore[index]
+
+
+def test_a_merge_that_finds_another_running_hands_its_files_over_and_succeeds(
+    stack: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ledger = Ledger(make_clients(stack).dynamodb, stack.ledger_table)
+    generation = ledger.acquire_lock("other-run", 600)
+    code, result = task(capsys, "merge")
+    assert code == 0 and result["handed_over_to"] == "other-run"
+    # The running merge may not let go of the lock before it has merged once more.
+    assert not ledger.release_lock("other-run", generation, unless_pending=True)
+    assert ledger.take_pending("other-run", generation)
+    assert ledger.release_lock("other-run", generation, unless_pending=True)
+
+
+def test_the_running_merge_merges_again_what_was_handed_over_while_it_ran(
+    stack: Settings, write_csv: WriteCsv, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ledger = Ledger(make_clients(stack).dynamodb, stack.ledger_table)
+    real_merge = tasks.merge
+    calls: list[int] = []
+
+    def merge_while_a_late_file_lands(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:  # during the first round: a file is committed and its execution hands over
+            src = land(write_csv("orders.csv", [order(11, 101, "2025-03-02T08:00:00")]), "incoming/orders/late.csv")
+            _, late = task(capsys, "validate", src)
+            task(capsys, "transform", str(late["file_id"]))
+            assert ledger.hand_over("late-run") is not None
+        return real_merge(*args, **kwargs)  # type: ignore[arg-type]
+
+    src = land(write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]), "incoming/orders/first.csv")
+    _, first = task(capsys, "validate", src)
+    task(capsys, "transform", str(first["file_id"]))
+    monkeypatch.setattr(tasks, "merge", merge_while_a_late_file_lands)
+    code, result = task(capsys, "merge")
+    assert code == 0 and result["rounds"] == 2
+    tables = KpiTables(make_clients(stack).dynamodb, stack.order_table, stack.category_table)
+    assert [k.order_date for k in tables.daily(None, None)] == ["2025-03-01", "2025-03-02"], "the late file counted"
+    assert ledger.lock_holder() is None, "and the lock was let go"
 
 
 def test_local_paths_work_without_aws(write_csv: WriteCsv, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -319,3 +359,19 @@ def test_a_local_file_name_that_is_not_utf8_is_validated_and_reported(
     code, result = task(capsys, "validate", str(path), "--staging", str(tmp_path / "st"))
     assert code == 0 and result["outcome"] == "accepted"
     assert str(result["source"]).endswith("orders_\\xff.csv")  # the byte shown escaped, the report valid JSON
+
+
+def test_a_task_stuck_past_its_deadline_stops_itself(tmp_path: Path) -> None:
+    # Reading a FIFO nobody writes to blocks forever: the work hangs, the heartbeat thread keeps the deadline.
+    fifo = tmp_path / "orders.csv"
+    os.mkfifo(fifo)
+    env = {**os.environ, "SHOPKPI_TASK_DEADLINE": "2", "SHOPKPI_WORK_DIR": str(tmp_path / "work")}
+    env.pop("SHOPKPI_TASK_TOKEN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "processor.tasks", "validate", str(fifo), "--staging", str(tmp_path / "st")],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == tasks.EXIT_ABANDONED
+    assert b'"event":"task.deadline"' in done.stdout

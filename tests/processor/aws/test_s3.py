@@ -261,3 +261,19 @@ def test_staging_cache_never_serves_another_stacks_object_under_the_same_key(tmp
                 seen.append(f.read())
     assert seen == [b"first stack's state"] * 2 + [b"second stack's state"] * 2
     assert len(list(cache.rglob("daily-1.parquet*"))) == 1  # the first stack's copy is gone, not kept beside
+
+
+def test_keys_are_url_encoded_as_s3_events_write_them_and_decoded_back() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from processor.aws.s3 import event_key, key_from_event
+
+    assert event_key("incoming/orders/red flower.csv") == "incoming/orders/red+flower.csv"
+    assert event_key("a+b=c:d é~.csv") == "a%2Bb%3Dc%3Ad+%C3%A9%7E.csv"
+
+    @given(st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=60))
+    def roundtrip(key: str) -> None:
+        assert key_from_event(event_key(key)) == key
+
+    roundtrip()
