@@ -256,9 +256,15 @@ def transform(file_id: str, settings: Settings, env: Env | None, local_staging: 
     archived = None
     if env is not None and seg.source.startswith("s3://"):
         src_key = _s3_key(seg.source, env)
-        if env.s3.exists(src_key) or not fresh:
+        if env.s3.exists(src_key):
             archived = _dated_key("archive", seg.source, report["arrival"])
-            env.s3.move(src_key, archived)
+            try:
+                env.s3.move(src_key, archived)
+            except NotFound:
+                # The same object delivered twice, its two transforms side by side: the other one archived it.
+                if env.s3.exists(src_key):
+                    raise
+                log.info("file.archived_by_another", file_id=file_id)
     return {"file_id": file_id, "committed": fresh, "archived": archived, "buckets": len(seg.buckets)}
 
 
@@ -268,7 +274,12 @@ def quarantine(file_id: str, settings: Settings, env: Env | None) -> dict[str, A
     report = _load_report(file_id, env.staging, env)
     source = report["source"]
     dest = _dated_key("rejected", source, report["arrival"])
-    env.s3.move(_s3_key(source, env), dest)
+    try:
+        env.s3.move(_s3_key(source, env), dest)
+    except NotFound:
+        # The same object delivered twice, its two quarantines side by side: the other one moved it.
+        if not env.s3.exists(dest):
+            raise
     env.s3.put_bytes(dest + ".report.json", orjson.dumps(report), content_type="application/json")
     rows_key = f"{_report_prefix(file_id)}/rejected_rows.csv"
     if env.s3.exists(rows_key):
