@@ -41,38 +41,27 @@ import numpy.typing as npt
 import polars as pl
 
 from processor.errors import Reason
+from processor.schema import ORDER_ITEMS, ORDERS, PRODUCTS, STATUSES
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
-PRODUCT_COLUMNS = ("id", "sku", "cost", "category", "name", "brand", "retail_price", "department")
-ORDER_COLUMNS = (
-    "order_id",
-    "user_id",
-    "status",
-    "created_at",
-    "returned_at",
-    "shipped_at",
-    "delivered_at",
-    "num_of_item",
-)
-ITEM_COLUMNS = (
-    "id",
-    "order_id",
-    "user_id",
-    "product_id",
-    "status",
-    "created_at",
-    "shipped_at",
-    "delivered_at",
-    "returned_at",
-    "sale_price",
-)
+#: Column orders of the files, as the data contract (:mod:`processor.schema`) defines them.
+PRODUCT_COLUMNS = PRODUCTS.names
+ORDER_COLUMNS = ORDERS.names
+ITEM_COLUMNS = ORDER_ITEMS.names
 
-STATUSES = ("processing", "shipped", "delivered", "complete", "returned", "cancelled")
-PROCESSING, SHIPPED, DELIVERED, COMPLETE, RETURNED, CANCELLED = range(6)
-#: Shares of order statuses (sum 1): returned ~10 %, cancelled ~15 %, the rest in flight or done.
-STATUS_SHARES = (0.12, 0.20, 0.13, 0.30, 0.10, 0.15)
+#: Shares of order statuses (sum 1): returned ~10 %, cancelled ~15 %, the rest in flight or done. The generator
+#: works on status codes: indices into :data:`processor.schema.STATUSES`.
+STATUS_SHARES = {
+    "processing": 0.12,
+    "shipped": 0.20,
+    "delivered": 0.13,
+    "complete": 0.30,
+    "returned": 0.10,
+    "cancelled": 0.15,
+}
+SHIPPED, DELIVERED, COMPLETE, RETURNED = (STATUSES.index(s) for s in ("shipped", "delivered", "complete", "returned"))
 #: Shares of 1..5 items per order: mean 1.96.
 ITEMS_SHARES = (0.45, 0.30, 0.13, 0.08, 0.04)
 
@@ -230,11 +219,11 @@ def _lut(weights: F64, size: int) -> I64:
     return np.searchsorted(_cdf(weights)[:-1], (np.arange(size) + 0.5) / size, side="right").astype(np.int64)
 
 
-_STATUS_LUT = _lut(np.array(STATUS_SHARES), 1000)
+_STATUS_LUT = _lut(np.array([STATUS_SHARES[s] for s in STATUSES]), 1000)
 _ITEMS_LUT = _lut(np.array(ITEMS_SHARES), 1000)
-_WAS_SHIPPED = np.array([s in (SHIPPED, DELIVERED, COMPLETE, RETURNED) for s in range(6)])
-_WAS_DELIVERED = np.array([s in (DELIVERED, COMPLETE, RETURNED) for s in range(6)])
-_KEEPS_MOST = np.array([s in (COMPLETE, DELIVERED) for s in range(6)])
+_WAS_SHIPPED = np.array([s in (SHIPPED, DELIVERED, COMPLETE, RETURNED) for s in range(len(STATUSES))])
+_WAS_DELIVERED = np.array([s in (DELIVERED, COMPLETE, RETURNED) for s in range(len(STATUSES))])
+_KEEPS_MOST = np.array([s in (COMPLETE, DELIVERED) for s in range(len(STATUSES))])
 
 
 def _draw(rng: np.random.Generator, lut: I64, n: int) -> I64:
@@ -543,19 +532,61 @@ def generate(
 
     Keep ``bad_rows`` well under ``SHOPKPI_MAX_INVALID_SHARE`` (5 %) of the rows of each part file, or the validator
     rightly rejects the whole file. Each bad order row also leaves that order's items waiting for it forever.
+
+    The steps: plan (time model, customers, products, bad rows), write the products, write the orders and items
+    chunk by chunk over the parts (with the planned bad rows), write the bad file, sum up.
     """
     if orders < 1 or days < 1 or products < 1 or parts < 1 or bad_rows < 0:
         raise ValueError("orders, days, products and parts must be >= 1, bad_rows >= 0")
     began = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = ".csv.gz" if gzip else ".csv"
     cats = list(categories) if categories is not None else list(DEFAULT_CATEGORIES)
     if not cats:
         raise ValueError("categories must not be empty")
-    data_rng = np.random.default_rng([seed, 0])
-    part_rng = np.random.default_rng([seed, 1])
-    bad_rng = np.random.default_rng([seed, 2])
+    out = _Outputs(out_dir, ".csv.gz" if gzip else ".csv", gzip)
+    rngs = _Streams(seed)
+    product_df, plan = _make_plan(seed, orders, days, start, customers, products, cats)
+    bad_plan = _plan_bad_rows(rngs.bad, orders, bad_rows)
+    products_sink = out.write_file("products", PRODUCT_COLUMNS, product_df)
+    manifest = _write_orders_and_items(out, rngs, plan, parts, bad_plan)
+    rejected = _write_bad_file(out, rngs.bad, plan, parts) if bad_file else None
+    return _result(products_sink, out, parts, manifest, rejected, time.perf_counter() - began)
 
+
+@dataclass
+class _Outputs:
+    """Where the files go, and the orders and items files written so far."""
+
+    out_dir: Path
+    suffix: str
+    compress: bool
+    orders: list[_Sink] = field(default_factory=list)
+    items: list[_Sink] = field(default_factory=list)
+
+    def sink(self, stem: str, columns: Sequence[str]) -> _Sink:
+        return _Sink(self.out_dir / f"{stem}{self.suffix}", columns, self.compress)
+
+    def write_file(self, stem: str, columns: Sequence[str], df: pl.DataFrame) -> _Sink:
+        """A whole file in one go."""
+        sink = self.sink(stem, columns)
+        sink.write_frame(df)
+        sink.close()
+        return sink
+
+
+class _Streams:
+    """The independent random streams of one seed: data values, part assignment, bad-row plan (and bad file)."""
+
+    def __init__(self, seed: int) -> None:
+        self.data = np.random.default_rng([seed, 0])
+        self.part = np.random.default_rng([seed, 1])
+        self.bad = np.random.default_rng([seed, 2])
+
+
+def _make_plan(
+    seed: int, orders: int, days: int, start: date, customers: int | None, products: int, cats: list[str]
+) -> tuple[pl.DataFrame, _Plan]:
+    """The product catalogue, and the :class:`_Plan` the chunks are drawn from (each from its own stream)."""
     product_df, retail, popularity = _make_products(np.random.default_rng([seed, 3]), products, cats)
     time_cdf, time_edges = _time_model(np.random.default_rng([seed, 4]), days, start)
     plan = _Plan(
@@ -567,14 +598,18 @@ def generate(
         product_lut=popularity,
         retail_cents=retail,
     )
-    bad_plan = _plan_bad_rows(bad_rng, orders, bad_rows)
-    manifest: list[BadRow] = []
+    return product_df, plan
 
-    product_sink = _Sink(out_dir / f"products{suffix}", PRODUCT_COLUMNS, gzip)
-    product_sink.write_frame(product_df)
-    product_sink.close()
-    order_sinks = [_Sink(out_dir / f"orders_part{p}{suffix}", ORDER_COLUMNS, gzip) for p in range(1, parts + 1)]
-    item_sinks = [_Sink(out_dir / f"order_items_part{p}{suffix}", ITEM_COLUMNS, gzip) for p in range(1, parts + 1)]
+
+def _write_orders_and_items(
+    out: _Outputs, rngs: _Streams, plan: _Plan, parts: int, bad_plan: list[tuple[int, str, Reason]]
+) -> list[BadRow]:
+    """Generate the orders and their items :data:`CHUNK_ORDERS` orders at a time and scatter them over the parts,
+    corrupting the rows ``bad_plan`` names; returns the manifest of the bad rows written."""
+    out.orders = [out.sink(f"orders_part{p}", ORDER_COLUMNS) for p in range(1, parts + 1)]
+    out.items = [out.sink(f"order_items_part{p}", ITEM_COLUMNS) for p in range(1, parts + 1)]
+    orders = plan.total_orders
+    manifest: list[BadRow] = []
     next_item = 1
     # Two writer threads, one per dataset: chunk k is formatted and written while chunk k+1 is generated, and at
     # most one chunk waits. Polars and zlib release the GIL, so the writers and the generator overlap.
@@ -583,61 +618,77 @@ def generate(
     try:
         for first in range(0, orders, CHUNK_ORDERS):
             n = min(CHUNK_ORDERS, orders - first)
-            chunk = _make_orders(data_rng, plan, first, n, orders, 0)
+            chunk = _make_orders(rngs.data, plan, first, n, orders, 0)
             orders_df = _orders_frame(chunk)
-            items_df, starts = _make_items(data_rng, plan, chunk, orders_df, next_item)
-            lo = bisect.bisect_left(bad_plan, (first,))
-            hi = bisect.bisect_left(bad_plan, (first + n,))
-            order_bad: dict[int, _Bad] = {}
-            item_bad: dict[int, _Bad] = {}
-            for i, dataset, reason in bad_plan[lo:hi]:
-                if dataset == "orders":
-                    order_bad[i - first] = _Bad(dataset, reason, i + 1)
-                else:
-                    row = int(starts[i - first])
-                    item_bad[row] = _Bad(dataset, reason, next_item + row)
-            order_part = part_rng.integers(0, parts, orders_df.height) if parts > 1 else None
-            item_part = part_rng.integers(0, parts, items_df.height) if parts > 1 else None
+            items_df, starts = _make_items(rngs.data, plan, chunk, orders_df, next_item)
+            order_bad, item_bad = _chunk_bad_rows(bad_plan, first, n, starts, next_item)
+            order_part = rngs.part.integers(0, parts, orders_df.height) if parts > 1 else None
+            item_part = rngs.part.integers(0, parts, items_df.height) if parts > 1 else None
             for f in pending:
                 f.result()
             pending = [
-                pool.submit(_write_parts, order_sinks, orders_df, ORDER_COLUMNS, order_part, order_bad, manifest),
-                pool.submit(_write_parts, item_sinks, items_df, ITEM_COLUMNS, item_part, item_bad, manifest),
+                pool.submit(_write_parts, out.orders, orders_df, ORDER_COLUMNS, order_part, order_bad, manifest),
+                pool.submit(_write_parts, out.items, items_df, ITEM_COLUMNS, item_part, item_bad, manifest),
             ]
             next_item += items_df.height
         for f in pending:
             f.result()
     finally:
         pool.shutdown(wait=True)
-        for s in (*order_sinks, *item_sinks):
+        for s in (*out.orders, *out.items):
             s.close()
+    return manifest
 
-    rejected: Path | None = None
-    if bad_file:
-        k = min(1000, max(10, orders // 100))
-        extra = _orders_frame(_make_orders(bad_rng, plan, 0, k, k, orders)).drop("user_id")
-        sink = _Sink(out_dir / f"orders_part{parts + 1}{suffix}", extra.columns, gzip)
-        sink.write_frame(extra)
-        sink.close()
-        rejected = sink.path
-        order_sinks.append(sink)
 
-    sinks = [product_sink, *order_sinks, *item_sinks]
+def _chunk_bad_rows(
+    bad_plan: list[tuple[int, str, Reason]], first: int, n: int, starts: I64, next_item: int
+) -> tuple[dict[int, _Bad], dict[int, _Bad]]:
+    """The planned bad rows of orders ``first .. first+n-1``: row in the chunk's orders, row in its items -> fault.
+
+    ``starts`` is the index of each order's first item in the chunk, ``next_item`` the id of the chunk's first item.
+    """
+    lo = bisect.bisect_left(bad_plan, (first,))
+    hi = bisect.bisect_left(bad_plan, (first + n,))
+    order_bad: dict[int, _Bad] = {}
+    item_bad: dict[int, _Bad] = {}
+    for i, dataset, reason in bad_plan[lo:hi]:
+        if dataset == "orders":
+            order_bad[i - first] = _Bad(dataset, reason, i + 1)
+        else:
+            row = int(starts[i - first])
+            item_bad[row] = _Bad(dataset, reason, next_item + row)
+    return order_bad, item_bad
+
+
+def _write_bad_file(out: _Outputs, bad_rng: np.random.Generator, plan: _Plan, parts: int) -> Path:
+    """``orders_part{parts+1}``: orders with fresh ids and no ``user_id`` column, to be rejected whole."""
+    orders = plan.total_orders
+    k = min(1000, max(10, orders // 100))
+    extra = _orders_frame(_make_orders(bad_rng, plan, 0, k, k, orders)).drop("user_id")
+    sink = out.write_file(f"orders_part{parts + 1}", extra.columns, extra)
+    out.orders.append(sink)
+    return sink.path
+
+
+def _result(
+    products: _Sink, out: _Outputs, parts: int, manifest: list[BadRow], rejected: Path | None, seconds: float
+) -> GeneratedFiles:
+    """What was written: the files (the bad file apart), rows per dataset, bytes, the sorted bad-row manifest."""
     manifest.sort(key=lambda b: (str(b.path), b.line))
     return GeneratedFiles(
-        products=product_sink.path,
-        orders=tuple(s.path for s in order_sinks[:parts]),
-        items=tuple(s.path for s in item_sinks),
+        products=products.path,
+        orders=tuple(s.path for s in out.orders[:parts]),
+        items=tuple(s.path for s in out.items),
         bad_rows=tuple(manifest),
         bad_file=rejected,
         bad_file_reason=Reason.MISSING_COLUMN if rejected is not None else None,
         rows={
-            "products": product_sink.rows,
-            "orders": sum(s.rows for s in order_sinks[:parts]),
-            "order_items": sum(s.rows for s in item_sinks),
+            "products": products.rows,
+            "orders": sum(s.rows for s in out.orders[:parts]),
+            "order_items": sum(s.rows for s in out.items),
         },
-        csv_bytes=sum(s.csv_bytes for s in sinks),
-        seconds=time.perf_counter() - began,
+        csv_bytes=sum(s.csv_bytes for s in (products, *out.orders, *out.items)),
+        seconds=seconds,
     )
 
 

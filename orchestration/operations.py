@@ -15,7 +15,8 @@ import msgspec
 
 from processor.aws import make_clients
 from processor.aws.clients import Clients
-from processor.aws.control import Queue, StackOutputs, Stacks, Workflow
+from processor.aws.cloudformation import StackOutputs, Stacks
+from processor.aws.control import Queue, Workflow
 from processor.aws.dynamo import KpiTables, Ledger
 from processor.aws.s3 import S3Store
 from processor.errors import ConfigError

@@ -42,7 +42,6 @@ def pipe_record(message: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-
 class LocalPipe:
     def __init__(self, queue: Queue, workflow: Workflow, *, batch_size: int = 50, window_s: float = 2.0) -> None:
         self.queue = queue

@@ -50,18 +50,6 @@ class Reason(StrEnum):
     ORPHAN_PRODUCT = "orphan_product"
 
 
-FILE_REASONS = frozenset(
-    {
-        Reason.UNREADABLE,
-        Reason.DUPLICATE_COLUMN,
-        Reason.UNKNOWN_DATASET,
-        Reason.MISSING_COLUMN,
-        Reason.EMPTY_FILE,
-        Reason.TOO_MANY_INVALID,
-    }
-)
-
-
 class ShopKpiError(Exception):
     """Base of every error the project raises on purpose."""
 

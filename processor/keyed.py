@@ -330,7 +330,7 @@ class KeyedTable:
             key=name + ".parquet", rows=frame.height, lo=int(first[0]), hi=int(first[-1]), bloom=bloom, parts=parts
         )
 
-    def compact(self, scratch: Path, *, fanout: int = 4, max_runs: int = 6, rows_per_file: int = 2_000_000) -> bool:
+    def compact(self, scratch: Path, *, rows_per_file: int, fanout: int = 4, max_runs: int = 6) -> bool:
         """Merge the newest runs while they are within ``fanout`` of the run below (or there are too many runs).
 
         Returns whether anything was rewritten. The merged run replaces its inputs in :attr:`runs`; the inputs'

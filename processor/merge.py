@@ -43,14 +43,13 @@ from processor.keyed import KeyedTable, Run, TableSpec
 from processor.log import get_logger
 from processor.model import CategoryKpi, MergeResult, OrderKpi
 from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS
+from processor.settings import Settings
 from processor.stage import Segment, committed_segments
 from processor.store import Store
 
 log = get_logger("merge")
 
 HEAD_KEY = "state/head.json"
-#: Staged rows (orders + items) applied in one step; bounds the merge's memory.
-ROWS_PER_PASS = 1_000_000
 
 
 def specs(buckets: int) -> dict[str, TableSpec]:
@@ -166,7 +165,7 @@ def merge(
     publish: Publisher | None = None,
     force_dates: tuple[str, str] | None = None,
     orphan_grace_s: float = 86400.0,
-    rows_per_pass: int = ROWS_PER_PASS,
+    rows_per_pass: int = Settings.merge_rows,
     now: datetime | None = None,
     fence: Callable[[], None] | None = None,
     buckets: int = 32,
@@ -177,8 +176,8 @@ def merge(
     many items it wrote or removed. ``force_dates=(from, to)`` republishes that inclusive range even if nothing
     changed, and removes stored items of the range that no longer exist (reprocessing). ``fence()`` raises when
     this merge may no longer commit (its lease was lost); it is called before the head moves. ``buckets`` is the
-    staging bucket count (``SHOPKPI_BUCKETS``), recorded by the first merge. Returns the summary and the KPIs that
-    were published.
+    staging bucket count (``SHOPKPI_BUCKETS``), recorded by the first merge; ``rows_per_pass``
+    (``SHOPKPI_MERGE_ROWS``) bounds the staged rows of one step. Returns the summary and the KPIs that were published.
     """
     started = time.perf_counter()
     head = load_head(store)

@@ -114,11 +114,6 @@ class CategoryKpi(msgspec.Struct, frozen=True, kw_only=True):
         }
 
 
-class KpiSet(msgspec.Struct, kw_only=True):
-    daily: list[OrderKpi] = msgspec.field(default_factory=list)
-    category: list[CategoryKpi] = msgspec.field(default_factory=list)
-
-
 class ValidationResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     """What the validation task returns to the state machine (and records in the ledger)."""
 

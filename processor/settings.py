@@ -114,11 +114,6 @@ class Settings:
         if self.writer_threads < 1:
             raise ConfigError(f"SHOPKPI_WRITER_THREADS must be positive, got {self.writer_threads}")
 
-    @staticmethod
-    def documented() -> list[tuple[str, str, str]]:
-        """(environment variable, default, field name) for the README table."""
-        return [(f.metadata["env"], repr(f.default), f.name) for f in fields(Settings)]
-
 
 def _convert(name: str, raw: str) -> Any:
     try:

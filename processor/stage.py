@@ -2,10 +2,13 @@
 
 Layout under the staging root (a local directory or ``s3://<bucket>/staging/``)::
 
-    segments/<dataset>/<file_id>.parquet   typed valid rows of one file, sorted by bucket within each chunk
+    segments/<dataset>/<file_id>.parquet    typed valid rows of one file, sorted by bucket within each chunk
                                             (deleted by the merge that applies it: its rows then live in the state)
-    manifest/<file_id>.json                 the commit record of that segment (written last; kept)
-    state/head.json, state/g=<generation>/  the merge's keyed state and aggregates (see processor.merge)
+    manifest/<file_id>.json                 the commit record of that segment (written last: its commit point; kept)
+    state/head.json                         the merge's commit point: names the files of its keyed tables and
+                                            aggregates (see processor.merge)
+    state/g=<generation>/                   the files one merge wrote: keyed tables (sorted Parquet runs, see
+                                            processor.keyed) and aggregates
 
 A segment is visible to merges only once its manifest exists, and the manifest is written after the segment, so a
 crash between the two leaves an invisible orphan object, never a half-visible file. Committing the same file

@@ -7,8 +7,9 @@
 ``transform``  commit an accepted file's segment into the staging area (it becomes visible to merges) and move the
                original to ``archive/``.
 ``quarantine`` move a rejected file's original to ``rejected/`` beside its report and rejected rows.
-``merge``      under the merge lock: recompute the partial aggregates of every bucket that changed, derive the KPIs
-               of the dates that changed (or of ``--from``/``--to``), publish them to DynamoDB.
+``merge``      under the merge lock: apply the files committed since the last merge to the keyed state (signed deltas
+               of the order groups they change), publish the KPIs that moved (and, with ``--from``/``--to``,
+               recompute and reconcile that range). A merge that finds the lock taken hands its work over.
 =============  ===================================================================================================
 
 Each command prints its result as one JSON line on stdout (``{"event": "task.result", ...}``) and, when the

@@ -18,7 +18,7 @@ from processor.model import CategoryKpi, OrderKpi, to_json
 from processor.settings import Settings
 
 if TYPE_CHECKING:
-    from orchestration.release import Plan
+    from orchestration.deploy import Plan
 
 
 def kpis_json(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> bytes:
@@ -189,13 +189,13 @@ def _print_plan(plan: Plan) -> None:
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     from rich.table import Table
 
-    from orchestration import release
+    from orchestration import deploy
     from shopkpi.render import console, literal
 
     parameters = _key_values(args.param)
     if args.alert_email is not None:
         parameters["AlertEmail"] = args.alert_email
-    result = release.deploy(
+    result = deploy.deploy(
         settings,
         image_uri=args.image_uri,
         skip_image=args.skip_image,

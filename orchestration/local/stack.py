@@ -29,13 +29,14 @@ from typing import Any
 from moto.server import ThreadedMotoServer
 
 from orchestration import definition
-from orchestration.deploy import render_template
 from orchestration.local import moto_patches
 from orchestration.local.ecs_runner import run_task_locally
+from orchestration.template import render_template
 from orchestration.trigger import LocalPipe
 from processor.aws import make_clients
 from processor.aws.clients import Clients
-from processor.aws.control import Queue, StackOutputs, Stacks, Workflow
+from processor.aws.cloudformation import StackOutputs, Stacks
+from processor.aws.control import Queue, Workflow
 from processor.log import get_logger
 from processor.settings import Settings
 
@@ -89,7 +90,8 @@ class EmbeddedStack:
         moto_patches.enable_execution(self.endpoint)
         moto_patches.install(self._run_task, server_port=self.port)
         self.clients = make_clients(self.settings)
-        stacks = Stacks(self.clients.cloudformation)
+        # moto creates a stack synchronously, so the first poll mostly finds it settled; no need to wait 5 s.
+        stacks = Stacks(self.clients.cloudformation, poll_s=1.0)
         outputs = stacks.create(
             self.settings.stack, render_template(self.numbers), {"EnvironmentName": self.settings.stack}
         )

@@ -3,8 +3,8 @@
 The calls go through :func:`processor.aws.clients.aws_call` like every other AWS call, so a throttled or failed
 report is a :class:`ShopKpiError` with a stable code. Two AWS rules that moto does not enforce are kept here:
 
-* a task's output is at most 256 KiB (``States.DataLimitExceeded`` otherwise), so :func:`bounded` shrinks a result
-  long before that (the whole report is in S3 anyway);
+* a task's output is at most 256 KiB (``States.DataLimitExceeded`` otherwise, which no ``States.ALL`` catches), so
+  :func:`bounded` shrinks a result long before that (the whole report is in S3 anyway);
 * a token whose state has timed out or whose execution has ended answers ``TaskTimedOut`` (or
   ``TaskDoesNotExist``): :meth:`Callback.heartbeat` reports it as dead, so the task can stop instead of working on
   for nobody. ``InvalidToken`` counts as dead only once the token has been accepted before: moto answers it both
@@ -20,8 +20,6 @@ import orjson
 from processor.aws.clients import aws_call
 from processor.errors import ShopKpiError
 
-#: Step Functions' limit on a task's output, in UTF-8 bytes.
-OUTPUT_LIMIT = 256 * 1024
 #: What a task sends: far below the limit, because a Map iteration's state carries the result beside its input.
 RESULT_LIMIT = 8 * 1024
 #: Bytes of a failure's cause sent to Step Functions (the whole error is in the task's log).

@@ -1,6 +1,6 @@
-"""Control-plane calls: CloudFormation stacks, Step Functions executions, SQS queues.
+"""Control-plane calls: Step Functions executions and SQS queues (stacks are :mod:`processor.aws.cloudformation`'s).
 
-Used by the orchestration (deploy, trigger, wait) and the command line, never inside a task. Part of the one adapter
+Used by the orchestration (trigger, wait) and the command line, never inside a task. Part of the one adapter
 layer: clients are passed in, errors are translated by :func:`processor.aws.clients.aws_call`.
 """
 
@@ -8,101 +8,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from processor.aws.clients import aws_call
-from processor.errors import AwsError, NotFound
-
-
-@dataclass(frozen=True)
-class StackOutputs:
-    bucket: str
-    order_table: str
-    category_table: str
-    ledger_table: str
-    state_machine_arn: str
-    buffer_queue_url: str
-    buffer_dlq_url: str
-    workflow_dlq_url: str
-    alert_topic_arn: str
-    cluster_arn: str
-    task_family: str
-
-    @classmethod
-    def from_outputs(cls, outputs: dict[str, str]) -> StackOutputs:
-        try:
-            return cls(
-                bucket=outputs["BucketName"],
-                order_table=outputs["OrderTable"],
-                category_table=outputs["CategoryTable"],
-                ledger_table=outputs["LedgerTable"],
-                state_machine_arn=outputs["StateMachineArn"],
-                buffer_queue_url=outputs["BufferQueueUrl"],
-                buffer_dlq_url=outputs["BufferDeadLetterQueueUrl"],
-                workflow_dlq_url=outputs["WorkflowDeadLetterQueueUrl"],
-                alert_topic_arn=outputs["AlertTopicArn"],
-                cluster_arn=outputs["ClusterArn"],
-                task_family=outputs["TaskDefinitionFamily"],
-            )
-        except KeyError as e:
-            raise NotFound(f"stack output {e.args[0]} missing: is this a shopkpi stack?") from e
-
-
-class Stacks:
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def outputs(self, stack: str) -> dict[str, str]:
-        with aws_call("cloudformation.describe_stacks", stack=stack):
-            found = self.client.describe_stacks(StackName=stack)["Stacks"]
-        return {o["OutputKey"]: o["OutputValue"] for o in found[0].get("Outputs", [])}
-
-    def exists(self, stack: str) -> bool:
-        try:
-            with aws_call("cloudformation.describe_stacks", stack=stack):
-                stacks = self.client.describe_stacks(StackName=stack)["Stacks"]
-        except (NotFound, AwsError):
-            return False
-        return bool(stacks) and stacks[0]["StackStatus"] != "DELETE_COMPLETE"
-
-    def create(self, stack: str, body: str, parameters: dict[str, str], timeout_s: float = 600) -> dict[str, str]:
-        """Create a stack and wait for it; a failed stack raises naming the failed resources and reasons."""
-        with aws_call("cloudformation.create_stack", stack=stack):
-            self.client.create_stack(
-                StackName=stack,
-                TemplateBody=body,
-                Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
-                Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"],
-            )
-        self.wait(stack, timeout_s)
-        return self.outputs(stack)
-
-    def wait(self, stack: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with aws_call("cloudformation.describe_stacks", stack=stack):
-                status = self.client.describe_stacks(StackName=stack)["Stacks"][0]["StackStatus"]
-            if status.endswith("_COMPLETE") and "ROLLBACK" not in status:
-                return str(status)
-            if status.endswith("FAILED") or "ROLLBACK" in status:
-                raise AwsError(f"stack {stack} is {status}: {self.failures(stack)}", stack=stack, status=status)
-            if time.monotonic() > deadline:
-                raise AwsError(f"stack {stack} still {status} after {timeout_s:.0f} s", stack=stack)
-            time.sleep(1)
-
-    def failures(self, stack: str) -> str:
-        with aws_call("cloudformation.describe_stack_events", stack=stack):
-            events = self.client.describe_stack_events(StackName=stack)["StackEvents"]
-        bad = [
-            f"{e['LogicalResourceId']}: {e.get('ResourceStatusReason', '')}"
-            for e in events
-            if str(e.get("ResourceStatus", "")).endswith("FAILED")
-        ]
-        return "; ".join(bad) or "no failed resource reported"
 
 
 class Workflow:
@@ -173,24 +83,3 @@ class Queue:
                 AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
             )["Attributes"]
         return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
-
-    def drain(self) -> Iterator[dict[str, Any]]:
-        """Every message now in the queue (for reading dead letters), deleting none."""
-        seen: set[str] = set()
-        while True:
-            batch = [m for m in self.receive(10, wait_s=0) if m["MessageId"] not in seen]
-            if not batch:
-                return
-            for m in batch:
-                seen.add(m["MessageId"])
-                yield m
-
-
-def poll(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.5) -> bool:
-    """Call ``condition`` until it is true or ``timeout_s`` passes; True when it became true."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval_s)
-    return condition()

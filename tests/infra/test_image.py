@@ -63,6 +63,33 @@ def test_wheel_installs_into_a_clean_environment_and_its_entry_points_run(wheel:
         assert "usage:" in proc.stdout
 
 
+def test_an_installed_package_renders_the_template_without_the_checkout(wheel: Path, tmp_path: Path) -> None:
+    # shopkpi deploy reads the template and the state machine definition as package data: unpacked anywhere (what
+    # pip install does), the wheel alone must render exactly what the checkout renders.
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"infra/template.yaml", "orchestration/statemachine.asl.json"} <= names
+    installed = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(installed)
+    # -S: no site-packages processing, so the checkout's editable install (a .pth finder) cannot answer the import;
+    # the dependencies come from the test environment's site-packages, after the unpacked wheel.
+    script = (
+        "import sys, orchestration.template as t; "
+        "assert t.__file__.startswith(sys.argv[1]), t.__file__; "
+        "sys.stdout.write(t.render_template())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", script, str(installed)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{installed}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    from orchestration.template import render_template
+
+    assert proc.stdout == render_template()
+
+
 def test_task_definition_command_matches_the_image_entry_point() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     [entry] = re.findall(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M)

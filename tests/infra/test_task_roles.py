@@ -21,8 +21,8 @@ from processor.aws.s3 import event_key
 from processor.schema import DATASETS
 from processor.stage import file_id_for
 from processor.tasks import main
+from tests.builders import item, order, product
 from tests.infra.test_template import as_list, granted, policy_diff, role_statements, task_code_actions, task_roles
-from tests.processor.conftest import item, order, product
 
 BUCKET = "landing"
 ACCOUNT = "123456789012"

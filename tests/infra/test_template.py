@@ -22,8 +22,8 @@ import yaml
 from moto import mock_aws
 
 from orchestration import definition
-from orchestration.deploy import render_template, template_text
-from processor.aws.control import StackOutputs
+from orchestration.template import render_template, template_text
+from processor.aws.cloudformation import StackOutputs
 from processor.aws.dynamo import table_definitions
 from processor.errors import RETRYABLE_CODES
 
@@ -714,7 +714,8 @@ def expected_execution_actions() -> set[str]:
 def test_task_code_calls_are_found_and_control_plane_code_is_not_part_of_a_task() -> None:
     modules = task_modules()
     assert {"processor.aws.s3", "processor.aws.dynamo", "processor.tasks"} <= set(modules)
-    assert "processor.aws.control" not in modules  # CloudFormation, StartExecution, SQS: the CLI's, not a task's
+    # CloudFormation, ECR, StartExecution, SQS: the CLI's, not a task's
+    assert not {"processor.aws.cloudformation", "processor.aws.control", "processor.aws.ecr"} & set(modules)
     actions = task_code_actions()
     assert {"s3:GetObject", "dynamodb:BatchWriteItem", "states:SendTaskSuccess", "states:SendTaskHeartbeat"} <= set(
         actions

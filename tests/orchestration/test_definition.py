@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from orchestration import definition
-from orchestration.deploy import TEMPLATE, render_template
+from orchestration.template import render_template, template_file, template_text
 from processor.errors import RETRYABLE_CODES, TERMINAL_CODES
 
 
@@ -29,7 +29,7 @@ def test_every_placeholder_is_a_number_rendered_here_or_a_cloudformation_substit
     assert definition.placeholders() == set(definition.NUMBERS) | set(definition.STRINGS) | set(definition.DEADLINES)
     rendered = definition.render()
     assert set(re.findall(r"\$\{(\w+)\}", rendered)) == set(definition.STRINGS)
-    template = TEMPLATE.read_text()
+    template = template_text()
     for name in definition.STRINGS:
         assert re.search(rf"^\s+{name}:", template, re.M), f"DefinitionSubstitutions lacks {name}"
 
@@ -84,7 +84,7 @@ def test_template_passes_cfn_lint(tmp_path: Path) -> None:
     cfn_lint = Path(sys.executable).parent / "cfn-lint"
     rendered = tmp_path / "template.yaml"
     rendered.write_text(render_template())
-    for path in (TEMPLATE, rendered):
+    for path in (template_file(), rendered):
         proc = subprocess.run([str(cfn_lint), str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 

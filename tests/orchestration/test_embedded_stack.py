@@ -55,8 +55,8 @@ from processor.schema import DATASETS
 from processor.settings import Settings
 from processor.stage import file_id_for
 from shopkpi import cli
-from tests.processor.conftest import item as base_item
-from tests.processor.conftest import order, product
+from tests.builders import item as base_item
+from tests.builders import order, product
 from tests.reference import reference_kpis, reference_rejects
 
 pytestmark = pytest.mark.slow

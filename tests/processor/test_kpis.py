@@ -8,7 +8,7 @@ from pathlib import Path
 from processor.model import CategoryKpi, OrderKpi, ratio
 from processor.pipeline import LocalRun, process_local
 from processor.settings import Settings
-from tests.processor.conftest import WriteCsv, item, order, product
+from tests.builders import WriteCsv, item, order, product
 
 
 def run(paths: list[Path], tmp_path: Path, settings: Settings) -> LocalRun:

@@ -13,7 +13,7 @@ from processor.merge import HEAD_KEY, Publication, current_kpis, load_head, merg
 from processor.pipeline import LocalRun, process_local, stage_local
 from processor.settings import Settings
 from processor.store import LocalStore
-from tests.processor.conftest import WriteCsv, item, order, product
+from tests.builders import WriteCsv, item, order, product
 
 
 def run(paths: list[Path], staging: Path, settings: Settings) -> LocalRun:

@@ -13,7 +13,7 @@ from processor.merge import HEAD_KEY, Publication, current_kpis, merge
 from processor.pipeline import stage_local
 from processor.settings import Settings
 from processor.store import LocalStore
-from tests.processor.conftest import WriteCsv, item, order, product
+from tests.builders import WriteCsv, item, order, product
 from tests.processor.test_invariant import KpiTable
 from tests.reference import reference_kpis
 

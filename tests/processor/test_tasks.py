@@ -21,7 +21,7 @@ from processor.aws import make_clients
 from processor.aws.dynamo import KpiTables, Ledger, create_tables
 from processor.settings import Settings
 from processor.tasks import main
-from tests.processor.conftest import WriteCsv, item, order, product
+from tests.builders import WriteCsv, item, order, product
 
 BUCKET = "landing"
 

@@ -15,7 +15,7 @@ from orchestration import operations
 from processor.model import CategoryKpi, OrderKpi
 from shopkpi import cli
 from shopkpi.cli import main
-from tests.processor.conftest import WriteCsv, item, order, product
+from tests.builders import WriteCsv, item, order, product
 
 BIG_DAY = OrderKpi(
     order_date="2025-04-01",

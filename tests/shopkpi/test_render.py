@@ -13,12 +13,12 @@ from rich.console import Console
 
 import shopkpi.render as render
 from orchestration import operations
-from orchestration.release import Plan
-from processor.aws.release import Change
+from orchestration.deploy import Plan
+from processor.aws.cloudformation import Change
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 from shopkpi import cli
 from shopkpi.cli import main
-from tests.processor.conftest import WriteCsv, item, order, product
+from tests.builders import WriteCsv, item, order, product
 
 CLOSING_TAG = "[/x]"
 LINK = "[link=http://evil.example]Books"

@@ -31,10 +31,9 @@ import pytest
 from moto.cloudformation import parsing
 from moto.cloudformation.models import CloudFormationBackend, Event, Stack
 
-from orchestration.deploy import render_template
-from orchestration.release import NO_CREDENTIALS, NO_DOCKER, DeployResult, deploy
-from processor.aws.control import StackOutputs
-from processor.aws.release import EventTail, failure_message
+from orchestration.deploy import NO_CREDENTIALS, NO_DOCKER, DeployResult, deploy
+from orchestration.template import render_template
+from processor.aws.cloudformation import EventTail, StackOutputs, failure_message
 from processor.errors import AwsError, ConfigError
 from processor.settings import Settings
 from shopkpi.cli import main

@@ -1,17 +1,18 @@
-"""Release calls: the ECR repository of the processor image and CloudFormation change sets.
+"""CloudFormation: stacks (describe, create, follow until they settle, say why they failed) and the change sets
+``shopkpi deploy`` goes through.
 
-Used by ``shopkpi deploy`` (:mod:`orchestration.release`), never inside a task. Part of the one adapter layer: clients
-are passed in, every call goes through :func:`processor.aws.clients.aws_call`, so callers see only
-:class:`~processor.errors.ShopKpiError` subclasses.
+Used by the orchestration and the command line (``shopkpi deploy``, ``local up``, finding a stack's outputs), never
+inside a task. Part of the one adapter layer: clients are passed in, every call goes through
+:func:`processor.aws.clients.aws_call`, so callers see only :class:`~processor.errors.ShopKpiError` subclasses.
 
 A deploy goes through a change set rather than ``create_stack``/``update_stack`` so that the person deploying sees
 what will be added, modified or replaced before anything happens, and a dry run can show the same plan and then
-throw it away.
+throw it away. Both a deploy and the embedded stack's ``create_stack`` wait with :meth:`Stacks.wait` and word a
+failure with :func:`failure_message`.
 """
 
 from __future__ import annotations
 
-import base64
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -20,17 +21,18 @@ from datetime import datetime
 from typing import Any
 
 from processor.aws.clients import aws_call
-from processor.errors import AwsError, ShopKpiError
+from processor.errors import AwsError, NotFound, ShopKpiError
 
 __all__ = [
     "Change",
     "ChangeSet",
     "ChangeSets",
     "EventTail",
-    "Registry",
-    "RegistryLogin",
+    "StackOutputs",
+    "Stacks",
     "event_line",
     "failure_message",
+    "failure_reasons",
     "is_no_change",
     "succeeded",
 ]
@@ -38,73 +40,159 @@ __all__ = [
 #: Seconds between polls of a change set or a stack. CloudFormation takes seconds to minutes; polling faster only
 #: spends API calls (DescribeStacks is throttled per account).
 POLL_S = 5.0
+#: The template creates IAM roles (unnamed, so CAPABILITY_IAM would do; NAMED_IAM keeps a later named role from
+#: failing the deploy with InsufficientCapabilities).
+_CAPABILITIES = ["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"]
 #: What CloudFormation says when a change set would change nothing: the old message (``update_stack``) and the change
 #: set one. Such a change set ends FAILED, which is not a failure for a deploy.
 _NO_CHANGE_MARKERS = ("didn't contain changes", "No updates are to be performed")
 #: Reasons of resources CloudFormation stopped because *another* resource failed: noise next to the real cause.
 _CANCELLED_MARKERS = ("Resource creation cancelled", "Resource update cancelled")
-#: Stack states from which a deploy can proceed to a terminal answer.
+#: Stack states in which an operation ended well.
 _SUCCESS = frozenset({"CREATE_COMPLETE", "UPDATE_COMPLETE", "IMPORT_COMPLETE"})
 
 
-# --- ECR ---------------------------------------------------------------------------------------------------------
+# --- stacks --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RegistryLogin:
-    """What ``docker login`` needs: ECR hands out a 12-hour password for the fixed user ``AWS``."""
+class StackOutputs:
+    bucket: str
+    order_table: str
+    category_table: str
+    ledger_table: str
+    state_machine_arn: str
+    buffer_queue_url: str
+    buffer_dlq_url: str
+    workflow_dlq_url: str
+    alert_topic_arn: str
+    cluster_arn: str
+    task_family: str
 
-    username: str
-    password: str
-    endpoint: str
-
-
-class Registry:
-    """The ECR repository the processor image is pushed to.
-
-    The repository lives outside the stack on purpose: the image must be pushed *before* the stack's task definition
-    can reference it, and images should survive deleting and recreating the stack.
-    """
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def repository_uri(self, name: str) -> str | None:
-        """The repository's URI (``<account>.dkr.ecr.<region>.amazonaws.com/<name>``), or None when it is absent."""
+    @classmethod
+    def from_outputs(cls, outputs: dict[str, str]) -> StackOutputs:
         try:
-            with aws_call("ecr.describe_repositories", repository=name):
-                found = self.client.describe_repositories(repositoryNames=[name])["repositories"]
+            return cls(
+                bucket=outputs["BucketName"],
+                order_table=outputs["OrderTable"],
+                category_table=outputs["CategoryTable"],
+                ledger_table=outputs["LedgerTable"],
+                state_machine_arn=outputs["StateMachineArn"],
+                buffer_queue_url=outputs["BufferQueueUrl"],
+                buffer_dlq_url=outputs["BufferDeadLetterQueueUrl"],
+                workflow_dlq_url=outputs["WorkflowDeadLetterQueueUrl"],
+                alert_topic_arn=outputs["AlertTopicArn"],
+                cluster_arn=outputs["ClusterArn"],
+                task_family=outputs["TaskDefinitionFamily"],
+            )
+        except KeyError as e:
+            raise NotFound(f"stack output {e.args[0]} missing: is this a shopkpi stack?") from e
+
+
+class Stacks:
+    """Describe, create and delete stacks, and follow one until it settles."""
+
+    def __init__(self, client: Any, *, poll_s: float = POLL_S, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.client = client
+        self.poll_s = poll_s
+        self.sleep = sleep
+
+    def describe(self, stack: str) -> dict[str, Any] | None:
+        """The stack's description, or None when no stack of that name exists (deleted stacks are not found)."""
+        try:
+            with aws_call("cloudformation.describe_stacks", stack=stack):
+                found = self.client.describe_stacks(StackName=stack)["Stacks"]
         except ShopKpiError as e:
-            if e.context.get("aws_code") == "RepositoryNotFoundException":
+            # CloudFormation has no "not found" code: a missing stack is a ValidationError "... does not exist".
+            if e.context.get("aws_code") == "ValidationError" and "does not exist" in e.message:
                 return None
             raise
-        return str(found[0]["repositoryUri"]) if found else None
+        return dict(found[0]) if found else None
 
-    def ensure_repository(self, name: str) -> str:
-        """Create the repository unless it exists; return its URI."""
-        uri = self.repository_uri(name)
-        if uri is not None:
-            return uri
-        try:
-            with aws_call("ecr.create_repository", repository=name):
-                created = self.client.create_repository(
-                    repositoryName=name,
-                    # Scanning on push is free for basic scanning and flags known CVEs in the base image early.
-                    imageScanningConfiguration={"scanOnPush": True},
+    def status(self, stack: str) -> str | None:
+        found = self.describe(stack)
+        return str(found["StackStatus"]) if found else None
+
+    def parameters(self, stack: str) -> dict[str, str]:
+        found = self.describe(stack) or {}
+        return {p["ParameterKey"]: str(p.get("ParameterValue", "")) for p in found.get("Parameters", [])}
+
+    def outputs(self, stack: str) -> dict[str, str]:
+        with aws_call("cloudformation.describe_stacks", stack=stack):
+            found = self.client.describe_stacks(StackName=stack)["Stacks"]
+        return {o["OutputKey"]: o["OutputValue"] for o in found[0].get("Outputs", [])}
+
+    def create(self, stack: str, body: str, parameters: dict[str, str], timeout_s: float = 600) -> dict[str, str]:
+        """Create a stack and wait for it (:meth:`wait`); return its outputs."""
+        with aws_call("cloudformation.create_stack", stack=stack):
+            created = self.client.create_stack(
+                StackName=stack,
+                TemplateBody=body,
+                Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
+                Capabilities=_CAPABILITIES,
+            )
+        # A new stack: every event it has is this operation's.
+        stack_id = str(created["StackId"])
+        self.wait(stack_id, timeout_s, tail=EventTail(self.client, stack_id, new_only=False))
+        return self.outputs(stack_id)
+
+    def delete(self, stack: str) -> None:
+        with aws_call("cloudformation.delete_stack", stack=stack):
+            self.client.delete_stack(StackName=stack)
+
+    def events(self, stack: str) -> EventTail:
+        """A tail of the stack's events that reports only events newer than now."""
+        return EventTail(self.client, stack)
+
+    def wait(
+        self,
+        stack: str,
+        timeout_s: float,
+        *,
+        tail: EventTail,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> str:
+        """Poll until the stack leaves every ``*_IN_PROGRESS`` state, feeding each new event of ``tail`` (made before
+        the operation started) to ``progress``; return the final status when the operation succeeded.
+
+        A rollback is waited for to its end, so the events hold the failed resources' reasons. Any other final state
+        raises :class:`AwsError` naming each failed resource of this operation with its reason
+        (:func:`failure_message`); a timeout raises too (the stack goes on).
+        """
+        deadline = time.monotonic() + timeout_s
+        seen: list[dict[str, Any]] = []
+
+        def follow() -> None:
+            for event in tail.new():
+                seen.append(event)
+                if progress is not None:
+                    progress(event)
+
+        while True:
+            follow()
+            with aws_call("cloudformation.describe_stacks", stack=stack):
+                found = self.client.describe_stacks(StackName=stack)["Stacks"][0]
+            name, status = str(found["StackName"]), str(found["StackStatus"])
+            if not status.endswith("_IN_PROGRESS"):
+                # Events written between our last tail and the status read would otherwise be lost.
+                follow()
+                if succeeded(status):
+                    return status
+                failed = sorted(
+                    {str(e["LogicalResourceId"]) for e in seen if str(e["ResourceStatus"]).endswith("_FAILED")}
                 )
-        except ShopKpiError as e:
-            # Two deploys racing: the other one created it between our describe and create.
-            if e.context.get("aws_code") != "RepositoryAlreadyExistsException":
-                raise
-            again = self.repository_uri(name)
-            if again is None:
-                raise
-            return again
-        return str(created["repository"]["repositoryUri"])
+                raise AwsError(failure_message(name, status, seen), stack=name, status=status, failed=failed)
+            if time.monotonic() > deadline:
+                raise AwsError(
+                    f"stack {name} still {status} after {timeout_s:.0f} s (it goes on; watch it in the console)",
+                    stack=name,
+                    status=status,
+                )
+            self.sleep(self.poll_s)
 
-    def login(self) -> RegistryLogin:
-        with aws_call("ecr.get_authorization_token"):
-            data = self.client.get_authorization_token()["authorizationData"][0]
-        user, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
-        return RegistryLogin(username=user, password=password, endpoint=str(data["proxyEndpoint"]))
+    def failures(self, stack: str) -> str:
+        """Why the stack's latest operations failed, read from its newest page of events (:func:`failure_reasons`)."""
+        with aws_call("cloudformation.describe_stack_events", stack=stack):
+            events = self.client.describe_stack_events(StackName=stack)["StackEvents"]
+        return failure_reasons(list(reversed(events)))
 
 
 # --- change sets ---------------------------------------------------------------------------------------------------
@@ -154,33 +242,12 @@ def _changes(raw: Iterable[Mapping[str, Any]]) -> list[Change]:
 
 
 class ChangeSets:
-    """Create, inspect, execute or discard change sets, and follow a stack while one executes."""
+    """Create, inspect, execute or discard change sets."""
 
     def __init__(self, client: Any, *, poll_s: float = POLL_S, sleep: Callable[[float], None] = time.sleep) -> None:
         self.client = client
         self.poll_s = poll_s
         self.sleep = sleep
-
-    # stacks
-    def stack(self, stack: str) -> dict[str, Any] | None:
-        """The stack's description, or None when no stack of that name exists (deleted stacks are not found)."""
-        try:
-            with aws_call("cloudformation.describe_stacks", stack=stack):
-                found = self.client.describe_stacks(StackName=stack)["Stacks"]
-        except ShopKpiError as e:
-            # CloudFormation has no "not found" code: a missing stack is a ValidationError "... does not exist".
-            if e.context.get("aws_code") == "ValidationError" and "does not exist" in e.message:
-                return None
-            raise
-        return dict(found[0]) if found else None
-
-    def status(self, stack: str) -> str | None:
-        found = self.stack(stack)
-        return str(found["StackStatus"]) if found else None
-
-    def parameters(self, stack: str) -> dict[str, str]:
-        found = self.stack(stack) or {}
-        return {p["ParameterKey"]: str(p.get("ParameterValue", "")) for p in found.get("Parameters", [])}
 
     def template_defaults(self, body: str) -> dict[str, str | None]:
         """The template's parameters and their defaults (None: no default), as CloudFormation parses them."""
@@ -191,11 +258,6 @@ class ChangeSets:
             for p in summary.get("Parameters", [])
         }
 
-    def delete_stack(self, stack: str) -> None:
-        with aws_call("cloudformation.delete_stack", stack=stack):
-            self.client.delete_stack(StackName=stack)
-
-    # change sets
     def create(
         self,
         stack: str,
@@ -220,9 +282,7 @@ class ChangeSets:
                 ChangeSetType=kind,
                 TemplateBody=body,
                 Parameters=params,
-                # The template creates IAM roles (unnamed, so CAPABILITY_IAM would do; NAMED_IAM keeps a later
-                # named role from failing the deploy with InsufficientCapabilities).
-                Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM"],
+                Capabilities=_CAPABILITIES,
                 Description=description,
             )
         return str(r["Id"]), str(r["StackId"])
@@ -272,60 +332,22 @@ class ChangeSets:
         with aws_call("cloudformation.delete_change_set", stack=stack, change_set=change_set_id):
             self.client.delete_change_set(ChangeSetName=change_set_id, StackName=stack)
 
-    # following a stack
-    def events(self, stack: str) -> EventTail:
-        """A tail of the stack's events that reports only events newer than now."""
-        return EventTail(self.client, stack)
-
-    def wait_stack(
-        self,
-        stack: str,
-        tail: EventTail,
-        progress: Callable[[dict[str, Any]], None],
-        timeout_s: float,
-    ) -> tuple[str, list[dict[str, Any]]]:
-        """Poll until the stack leaves every ``*_IN_PROGRESS`` state, feeding each new event to ``progress``.
-
-        Returns (final status, every new event seen, oldest first). A rollback is waited for to its end, so the
-        events hold the failed resources' reasons. Raises :class:`AwsError` on timeout (the stack keeps going).
-        """
-        deadline = time.monotonic() + timeout_s
-        seen: list[dict[str, Any]] = []
-        while True:
-            for event in tail.new():
-                seen.append(event)
-                progress(event)
-            with aws_call("cloudformation.describe_stacks", stack=stack):
-                status = str(self.client.describe_stacks(StackName=stack)["Stacks"][0]["StackStatus"])
-            if not status.endswith("_IN_PROGRESS"):
-                # Events written between our last tail and the status read would otherwise be lost.
-                for event in tail.new():
-                    seen.append(event)
-                    progress(event)
-                return status, seen
-            if time.monotonic() > deadline:
-                raise AwsError(
-                    f"stack {stack} still {status} after {timeout_s:.0f} s (it goes on; watch it in the console)",
-                    stack=stack,
-                    status=status,
-                )
-            self.sleep(self.poll_s)
-
 
 class EventTail:
-    """New stack events since the tail was made, oldest first.
+    """New stack events since the tail was made (with ``new_only=False``: every event of the stack), oldest first.
 
     DescribeStackEvents lists newest first and pages back through the stack's whole history; a poll reads pages
     only until it meets an event it has already seen, so a long-lived stack costs one call per poll.
     """
 
-    def __init__(self, client: Any, stack: str) -> None:
+    def __init__(self, client: Any, stack: str, *, new_only: bool = True) -> None:
         self.client = client
         self.stack = stack
         self.seen: set[str] = set()
-        # Everything already there is history: marking the newest page is enough, because polls stop at the first
-        # seen event.
-        self.seen.update(str(e["EventId"]) for e in self._page(None)[0])
+        if new_only:
+            # Everything already there is history: marking the newest page is enough, because polls stop at the
+            # first seen event.
+            self.seen.update(str(e["EventId"]) for e in self._page(None)[0])
 
     def _page(self, token: str | None) -> tuple[list[dict[str, Any]], str | None]:
         args: dict[str, Any] = {"StackName": self.stack}
@@ -370,11 +392,16 @@ def event_line(event: Mapping[str, Any]) -> str:
 
 
 def failure_message(stack: str, status: str, events: Sequence[Mapping[str, Any]]) -> str:
-    """Why a stack operation failed, naming each failed resource with its reason.
+    """Why a stack operation failed: ``stack S is STATUS: `` and :func:`failure_reasons` of ``events``, the events of
+    this operation only (older failures of the stack would mislead)."""
+    return f"stack {stack} is {status}: " + failure_reasons(events)
 
-    ``events`` are the events of this operation only (older failures of the stack would mislead). Resources that
-    were merely cancelled because another one failed are left out when a real cause is known; the stack's own
-    events are used only when no resource reported a reason.
+
+def failure_reasons(events: Sequence[Mapping[str, Any]]) -> str:
+    """Each failed resource of ``events`` (oldest first) with its reason.
+
+    Resources that were merely cancelled because another one failed are left out when a real cause is known; the
+    stack's own events are used only when no resource reported a reason.
     """
     failed = [e for e in events if str(e.get("ResourceStatus", "")).endswith("_FAILED") and not _is_stack(e)]
     causes = [e for e in failed if not any(m in str(e.get("ResourceStatusReason", "")) for m in _CANCELLED_MARKERS)]
@@ -389,7 +416,7 @@ def failure_message(stack: str, status: str, events: Sequence[Mapping[str, Any]]
             str(e["ResourceStatusReason"]) for e in events if _is_stack(e) and e.get("ResourceStatusReason")
         ]
         lines = stack_reasons[-1:] or ["no failed resource reported"]
-    return f"stack {stack} is {status}: " + "; ".join(lines)
+    return "; ".join(lines)
 
 
 def _is_stack(event: Mapping[str, Any]) -> bool:

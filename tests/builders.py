@@ -1,38 +1,31 @@
-"""Small builders for case files: tests write exactly the rows they reason about."""
+"""Builders of small case files, shared by the test packages: tests write exactly the rows they reason about.
+
+``order``, ``item`` and ``product`` build one row as a dict (columns left out are blank); :func:`write_rows` writes
+rows as a CSV of their dataset. The ``write_csv`` fixture (tests/conftest.py) is :func:`write_rows` under the test's
+temporary directory.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import pytest
-
 from processor.schema import DATASETS
-from processor.settings import Settings
 
+#: The ``write_csv`` fixture: ``write_csv("orders_part1.csv", rows, folder="in") -> path``.
 WriteCsv = Callable[..., Path]
 
 
-@pytest.fixture
-def write_csv(tmp_path: Path) -> WriteCsv:
-    """``write_csv("orders_part1.csv", [{"order_id": 1, ...}, ...])``: every column of the dataset, blanks for None."""
-
-    def write(name: str, rows: Sequence[dict[str, object]], folder: str = "in") -> Path:
-        dataset = next(DATASETS[n] for n in sorted(DATASETS, key=len, reverse=True) if name.startswith(n))
-        path = tmp_path / folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [",".join(dataset.names)]
-        for r in rows:
-            lines.append(",".join("" if r.get(c) is None else str(r[c]) for c in dataset.names))
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
-    return write
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings.load(env={}, buckets=4, work_dir=tmp_path / "work")
+def write_rows(folder: Path, name: str, rows: Sequence[dict[str, object]]) -> Path:
+    """``folder/name``, a CSV of the dataset the name starts with: every column of the dataset, blanks for None."""
+    dataset = next(DATASETS[n] for n in sorted(DATASETS, key=len, reverse=True) if name.startswith(n))
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(dataset.names)]
+    for r in rows:
+        lines.append(",".join("" if r.get(c) is None else str(r[c]) for c in dataset.names))
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def order(order_id: int, user_id: int, created: str, status: str = "complete", **kw: object) -> dict[str, object]:
