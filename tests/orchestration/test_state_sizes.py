@@ -616,4 +616,7 @@ def test_a_batch_that_fails_as_a_whole_dead_letters_every_file_and_merges_what_s
     assert [c for c in run.tasks.commands if c[0] == "merge"] == [["merge"]]
     assert sorted(m["file"]["key"] for m in run.dead_letters) == sorted(r["key"] for r in run.records)
     assert all(m["error"]["Error"] == "States.DataLimitExceeded" for m in run.dead_letters)
-    assert len(run.alerts) == 1 and "DataLimitExceeded" in json.dumps(run.alerts[0])
+    # The batch's own alert (its error); moto may also have sent the per-file alert of an iteration that was still
+    # on its failure path when the Map failed.
+    batch_alerts = [a for a in run.alerts if set(a) == {"Error", "Cause"}]
+    assert len(batch_alerts) == 1 and batch_alerts[0]["Error"] == "States.DataLimitExceeded", run.alerts
