@@ -4,10 +4,11 @@ reprocess. Each function is one command's body; the stack is found from its Clou
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from processor.pipeline import expand
 from processor.schema import detect_dataset
 from processor.settings import Settings
 from processor.stage import file_id_for
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 @dataclass
@@ -157,9 +160,41 @@ def category(stack: Stack, name: str | None, date_from: str | None, date_to: str
     return stack.tables.category(name, date_from, date_to)
 
 
+def check_date(text: str) -> str:
+    """``text`` when it is a calendar date written YYYY-MM-DD; else :class:`ConfigError` saying how to write one."""
+    try:
+        if _DATE.fullmatch(text):
+            return date.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    raise ConfigError(f"{text!r} is not a date: write YYYY-MM-DD")
+
+
+def check_range(date_from: str | None, date_to: str | None) -> None:
+    """Both bounds (each optional) are dates and ``date_from`` is not after ``date_to``; else :class:`ConfigError`
+    naming the option and the fix."""
+    for option, value in (("--from", date_from), ("--to", date_to)):
+        if value is not None:
+            try:
+                check_date(value)
+            except ConfigError as e:
+                raise ConfigError(f"{option}: {e.message}") from None
+    if date_from is not None and date_to is not None and date_from > date_to:
+        raise ConfigError(f"--from {date_from} is after --to {date_to}: swap them")
+
+
+def stored_years(stack: Stack) -> list[str]:
+    """The years that hold order KPIs (empty: nothing published yet)."""
+    return stack.tables.years()
+
+
+def category_names(stack: Stack) -> list[str]:
+    """The category names of the newest dates with KPIs (the names to offer when a category matched nothing)."""
+    return stack.tables.category_names()
+
+
 def reprocess(stack: Stack, date_from: str, date_to: str) -> str:
-    if date_from > date_to:
-        raise ConfigError(f"--from {date_from} is after --to {date_to}")
+    check_range(date_from, date_to)
     return stack.workflow.start({"reprocess": {"from": date_from, "to": date_to}}, name_hint="reprocess")
 
 

@@ -113,6 +113,8 @@ class Settings:
             raise ConfigError(f"SHOPKPI_MAX_RECORD_KB must be positive, got {self.max_record_kb}")
         if self.writer_threads < 1:
             raise ConfigError(f"SHOPKPI_WRITER_THREADS must be positive, got {self.writer_threads}")
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ConfigError(f"AWS_ENDPOINT_URL must start with http:// or https://, got {self.endpoint_url!r}")
 
 
 def _convert(name: str, raw: str) -> Any:

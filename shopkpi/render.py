@@ -6,6 +6,7 @@ named ``[/x]`` would crash the command and ``[link=http://evil.example]Books`` w
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -172,3 +173,16 @@ def print_ledger(files: Sequence[dict[str, Any]], title: str) -> None:
             reasons,
         )
     console.print(t)
+
+
+def category_hint(asked: str, known: Sequence[str], shown: int = 20) -> str:
+    """One line for a category that matched nothing: the same name in another case first, else close spellings,
+    then the known names (``repr``: a name cannot move the cursor or open a hyperlink on stderr either)."""
+    by_fold: dict[str, list[str]] = {}
+    for name in known:
+        by_fold.setdefault(name.casefold(), []).append(name)
+    close = difflib.get_close_matches(asked.casefold(), list(by_fold), n=3, cutoff=0.75)
+    guesses = by_fold.get(asked.casefold()) or [name for fold in close for name in by_fold[fold]]
+    suggest = f"; did you mean {' or '.join(map(repr, guesses))}?" if guesses else ";"
+    names = ", ".join(map(repr, known[:shown])) + (f" (+{len(known) - shown} more)" if len(known) > shown else "")
+    return f"no category {asked!r}{suggest} known: {names or 'none'}"

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -37,6 +38,7 @@ from processor.aws import make_clients
 from processor.aws.clients import Clients
 from processor.aws.cloudformation import StackOutputs, Stacks
 from processor.aws.control import Queue, Workflow
+from processor.errors import ConfigError
 from processor.log import get_logger
 from processor.settings import Settings
 
@@ -44,6 +46,20 @@ log = get_logger("local")
 
 #: Local tasks start in about a second, so failures can be noticed far sooner than on Fargate.
 LOCAL_NUMBERS = {"HeartbeatSeconds": 30, "RetryIntervalSeconds": 1, "MaxConcurrency": 4}
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Raise :class:`ConfigError` when ``port`` (0: any free one) cannot be bound on ``host``: moto's server would
+    otherwise wait forever for a server thread that failed to start. Bound as the server binds (SO_REUSEADDR), so
+    a port held only by closed connections in TIME_WAIT counts as free."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"port {port} is in use: pick another with --port", port=port, reason=str(e)) from e
 
 
 class EmbeddedStack:
@@ -73,6 +89,7 @@ class EmbeddedStack:
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
+        check_port_free(self.port)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # moto's CloudFormation has no AWS::Pipes::Pipe nor AWS::SQS::QueuePolicy: it skips them with a warning.
         # Locally the Pipe's work is done by LocalPipe and queue policies have no effect, so the warning is noise.

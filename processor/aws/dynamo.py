@@ -591,6 +591,40 @@ class KpiTables:
         )
         return [_category_from(i) for i in items]
 
+    def category_names(self, dates: int = 92) -> list[str]:
+        """The category names that have KPIs on the newest ``dates`` dates, sorted: the names to offer when a
+        category matched nothing. Reads keys only, no Scan: the newest dates from the order table (newest year
+        first), then one ``by_date`` query per date projecting ``category``."""
+        newest: list[str] = []
+        for year in reversed(self.years()):
+            items = self._query(
+                "dynamodb.query",
+                TableName=self.order_table,
+                KeyConditionExpression="#y = :y",
+                ProjectionExpression="#d",
+                ExpressionAttributeNames={"#y": "order_year", "#d": "order_date"},
+                ExpressionAttributeValues={":y": _s(year)},
+                ScanIndexForward=False,
+                ConsistentRead=True,
+            )
+            newest += [i["order_date"]["S"] for i in items][: dates - len(newest)]
+            if len(newest) >= dates:
+                break
+
+        def names_on(order_date: str) -> set[str]:
+            items = self._query(
+                "dynamodb.query",
+                TableName=self.category_table,
+                IndexName=BY_DATE,
+                KeyConditionExpression="#d = :d",
+                ProjectionExpression="#c",
+                ExpressionAttributeNames={"#d": "order_date", "#c": "category"},
+                ExpressionAttributeValues={":d": _s(order_date)},
+            )
+            return {i["category"]["S"] for i in items}
+
+        return sorted(set[str]().union(*self._parallel(names_on, newest)))
+
     def date(self, order_date: str) -> tuple[OrderKpi | None, list[CategoryKpi]]:
         """Everything about one date: its order KPIs (GetItem) and all its categories (GSI query)."""
         _check_date(order_date, "order_date")

@@ -1,0 +1,327 @@
+"""A new user's mistakes on the command line: each prints one line on stderr naming the problem and the fix, with no
+traceback, and exits with a documented status (argument and configuration errors: 2) (issue 11, item 4)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import threading
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+
+import boto3
+import pytest
+
+from orchestration import operations
+from orchestration.local.stack import check_port_free
+from processor.aws.dynamo import KpiTables, create_tables
+from processor.errors import ConfigError
+from processor.model import CategoryKpi, OrderKpi
+from shopkpi import cli
+from shopkpi.cli import build_parser, main
+
+
+def one_line(text: str) -> str:
+    """The one line a person reads; fails on a traceback or a usage block."""
+    lines = text.splitlines()
+    assert len(lines) == 1, text
+    assert "Traceback" not in text
+    return lines[0]
+
+
+@pytest.fixture
+def no_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command refused before it reaches AWS never connects to a stack."""
+
+    def refuse(settings: object) -> object:
+        raise AssertionError("the command connected to a stack")
+
+    monkeypatch.setattr(cli, "_stack", refuse)
+
+
+@pytest.fixture
+def tables(aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[KpiTables]:
+    """Empty KPI tables in moto, read by the CLI's commands as a deployed stack's."""
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    names = create_tables(client, "cli")
+    kpi_tables = KpiTables(client, names.order, names.category, threads=1)
+    monkeypatch.setattr(cli, "_stack", lambda settings: SimpleNamespace(tables=kpi_tables))
+    yield kpi_tables
+
+
+def publish(tables: KpiTables, categories: dict[str, list[str]]) -> None:
+    """Order and category KPIs of the given categories on the given dates."""
+    dates = sorted({d for days in categories.values() for d in days})
+    daily = [
+        OrderKpi(
+            order_date=d,
+            total_orders=1,
+            returned_orders=0,
+            total_items_sold=1,
+            revenue_cents=100,
+            unique_customers=1,
+        )
+        for d in dates
+    ]
+    category = [
+        CategoryKpi(category=c, order_date=d, orders=1, returned_orders=0, items=1, revenue_cents=100)
+        for c, days in categories.items()
+        for d in days
+    ]
+    tables.publish(daily, category, generation=1, computed_at="2025-03-31T00:00:00Z", run_id="test")
+
+
+# --- dates -------------------------------------------------------------------------------------------------------
+DATE_COMMANDS = [["kpis", "daily"], ["kpis", "category"], ["reprocess", "--to", "2025-03-31"]]
+
+
+@pytest.mark.parametrize("command", DATE_COMMANDS, ids=["daily", "category", "reprocess"])
+@pytest.mark.parametrize("value", ["yesterday", "2025/03/10", "2025-13-01", "2025-02-30", "20250310"])
+def test_a_date_not_written_yyyy_mm_dd_is_refused_at_parse_time(
+    no_stack: None, capsys: pytest.CaptureFixture[str], command: list[str], value: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--from", value])
+    assert exit_.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"--from: '{value}' is not a date: write YYYY-MM-DD" in line
+
+
+@pytest.mark.parametrize("command", DATE_COMMANDS[:2], ids=["daily", "category"])
+def test_a_bad_to_date_is_named_as_such(no_stack: None, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--to", "31.03.2025"])
+    assert exit_.value.code == 2
+    assert "--to: '31.03.2025' is not a date: write YYYY-MM-DD" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", [["kpis", "daily"], ["kpis", "category"], ["reprocess"]])
+def test_a_reversed_range_is_refused(no_stack: None, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--from", "2025-03-10", "--to", "2025-03-01"])
+    assert exit_.value.code == 2
+    assert "--from 2025-03-10 is after --to 2025-03-01: swap them" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("given", [["--from", "2025-03-01"], ["--to", "2025-03-01"], []])
+def test_reprocess_needs_both_bounds(no_stack: None, capsys: pytest.CaptureFixture[str], given: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["reprocess", *given])
+    assert exit_.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert "the following arguments are required" in line
+    assert "shopkpi reprocess --help" in line
+
+
+@pytest.mark.parametrize(
+    ("date_from", "date_to", "message"),
+    [
+        ("xx", "2025-03-01", "--from: 'xx' is not a date: write YYYY-MM-DD"),
+        ("2025-03-01", "yy", "--to: 'yy' is not a date: write YYYY-MM-DD"),
+        ("2025-03-10", "2025-03-01", "--from 2025-03-10 is after --to 2025-03-01: swap them"),
+    ],
+)
+def test_reprocess_starts_no_execution_with_bad_dates(date_from: str, date_to: str, message: str) -> None:
+    stack = SimpleNamespace()  # no workflow: starting an execution would fail with AttributeError
+    with pytest.raises(ConfigError) as e:
+        operations.reprocess(stack, date_from, date_to)  # type: ignore[arg-type]
+    assert e.value.message == message
+
+
+def test_valid_dates_reach_the_command(tables: KpiTables, capsys: pytest.CaptureFixture[str]) -> None:
+    publish(tables, {"Books": ["2025-03-01", "2025-03-02"]})
+    assert main(["kpis", "daily", "--from", "2025-03-02", "--to", "2025-03-02", "--json"]) == 0
+    out = capsys.readouterr()
+    assert '"order_date": "2025-03-02"' in out.out
+    assert "2025-03-01" not in out.out
+    assert out.err == ""
+
+
+# --- categories and an empty stack -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("asked", "expected"),
+    [
+        ("books", "no category 'books'; did you mean 'Books'? known: 'Books', 'Garden'"),
+        ("Bookz", "no category 'Bookz'; did you mean 'Books'? known: 'Books', 'Garden'"),
+        ("Toys", "no category 'Toys'; known: 'Books', 'Garden'"),
+    ],
+)
+@pytest.mark.parametrize("json", [[], ["--json"]], ids=["table", "json"])
+def test_an_unknown_category_is_answered_with_the_known_ones(
+    tables: KpiTables, capsys: pytest.CaptureFixture[str], asked: str, expected: str, json: list[str]
+) -> None:
+    publish(tables, {"Books": ["2025-03-01", "2025-03-02"], "Garden": ["2025-03-02"]})
+    assert main(["kpis", "category", "--category", asked, *json]) == 2
+    out = capsys.readouterr()
+    assert one_line(out.err) == expected
+    assert out.out == ""
+
+
+def test_a_known_category_with_nothing_in_the_range_says_so(
+    tables: KpiTables, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(tables, {"Books": ["2025-03-01"]})
+    assert main(["kpis", "category", "--category", "Books", "--from", "2024-01-01", "--to", "2024-01-31"]) == 0
+    line = one_line(capsys.readouterr().err)
+    assert line == "no KPIs of category 'Books' from 2024-01-01 to 2024-01-31; stored years: 2025: widen --from/--to"
+
+
+def test_a_category_older_than_the_names_offered_still_counts(
+    tables: KpiTables, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(tables, {"Books": ["2025-03-01"], "Garden": ["2025-03-02"]})
+    monkeypatch.setattr(operations, "category_names", lambda stack: stack.tables.category_names(dates=1))
+    assert main(["kpis", "category", "--category", "Books", "--from", "2025-03-02"]) == 0
+    assert "no KPIs of category 'Books' from 2025-03-02 to the last" in one_line(capsys.readouterr().err)
+
+
+def test_category_names_come_from_the_newest_dates(tables: KpiTables) -> None:
+    publish(tables, {"Books": ["2024-12-31"], "Garden": ["2025-01-01", "2025-01-02"], "Toys": ["2025-01-02"]})
+    assert tables.category_names() == ["Books", "Garden", "Toys"]
+    assert tables.category_names(dates=1) == ["Garden", "Toys"]
+    assert tables.category_names(dates=3) == ["Books", "Garden", "Toys"]  # across the year partitions
+
+
+@pytest.mark.parametrize(
+    "command", [["kpis", "daily"], ["kpis", "category"], ["kpis", "category", "--category", "Books"]]
+)
+def test_an_empty_stack_says_how_to_land_files(
+    tables: KpiTables, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    assert main(command) == 0
+    assert one_line(capsys.readouterr().err) == "no KPIs yet: land files with `shopkpi ingest PATH --wait`"
+
+
+def test_an_empty_range_names_the_stored_years(tables: KpiTables, capsys: pytest.CaptureFixture[str]) -> None:
+    publish(tables, {"Books": ["2025-03-01"]})
+    assert main(["kpis", "daily", "--from", "2030-01-01"]) == 0
+    line = one_line(capsys.readouterr().err)
+    assert line == "no KPIs from 2030-01-01 to the last; stored years: 2025: widen --from/--to"
+
+
+# --- paths, endpoint, port ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["ingest", "process"])
+def test_a_missing_path_is_named_before_anything_is_uploaded(
+    no_stack: None, capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    missing = tmp_path / "no-such.csv"
+    assert main([command, str(missing)]) == 2
+    assert one_line(capsys.readouterr().err) == f"no such file or directory: {missing}"
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:4566", "localhost:4566", "ftp://127.0.0.1"])
+def test_an_endpoint_without_a_scheme_is_one_line(
+    no_stack: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, endpoint: str
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    assert main(["kpis", "daily"]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error [ShopKpi.ConfigError]: AWS_ENDPOINT_URL must start with http:// or https://, got '{endpoint}'"
+    )
+
+
+def test_a_bad_setting_is_one_line(
+    no_stack: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOPKPI_BUCKETS", "0")
+    assert main(["wait"]) == 2
+    assert one_line(capsys.readouterr().err) == "error [ShopKpi.ConfigError]: SHOPKPI_BUCKETS must be 1..4096, got 0"
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def test_the_port_check_tells_a_busy_port_from_a_free_one(busy_port: int) -> None:
+    with pytest.raises(ConfigError, match=f"port {busy_port} is in use: pick another with --port"):
+        check_port_free(busy_port)
+    check_port_free(0)  # any free one
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    check_port_free(free)
+
+
+def test_local_up_on_a_busy_port_exits_at_once(
+    busy_port: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SHOPKPI_WORK_DIR", str(tmp_path))
+    result: list[int] = []
+    # In a thread so that a regression (moto waiting forever for its server) fails the test instead of hanging it.
+    runner = threading.Thread(
+        target=lambda: result.append(main(["local", "up", "--port", str(busy_port)])), daemon=True
+    )
+    runner.start()
+    runner.join(timeout=120)
+    assert result == [2], "shopkpi local up did not return on a busy port"
+    assert one_line(capsys.readouterr().err) == (
+        f"error [ShopKpi.ConfigError]: port {busy_port} is in use: pick another with --port"
+    )
+
+
+# --- numbers -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["local", "up", "--port", "70000"], "--port: '70000' is not a port: write 1-65535, or 0 for a free one"),
+        (["dashboard", "--port", "http"], "--port: 'http' is not a port"),
+        (["wait", "--timeout", "0"], "--timeout: '0' is not a number of seconds above 0"),
+        (["ingest", "x.csv", "--timeout", "5m"], "--timeout: '5m' is not a number of seconds above 0"),
+        (["runs", "--limit", "0"], "--limit: '0' is not a count: write a whole number from 1"),
+    ],
+)
+def test_a_bad_number_is_refused_at_parse_time(
+    no_stack: None, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in one_line(capsys.readouterr().err)
+
+
+# --- help --------------------------------------------------------------------------------------------------------
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_every_option_has_help() -> None:
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"{parser.prog} {'/'.join(action.option_strings) or action.dest} has no help"
+
+
+@pytest.mark.parametrize("option", ["--from", "--to"])
+def test_date_options_say_their_format(option: str) -> None:
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if option in action.option_strings:
+                assert "YYYY-MM-DD" in str(action.help)
+
+
+def test_help_names_the_commands_not_documents_outside_the_repository(capsys: pytest.CaptureFixture[str]) -> None:
+    for parser in _parsers(build_parser()):
+        text = parser.format_help()
+        assert "SPEC" not in text
+        assert "brief" not in text
+    text = build_parser().format_help()
+    assert "examples:" in text
+    assert "exit status: 0 ok, 2 usage or configuration error" in text
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"shopkpi {metadata.version('shopkpi')}"
