@@ -181,13 +181,12 @@ def validate_event(event: LandedEvent, settings: Settings, env: Env | None) -> d
     if env is None:
         raise ConfigError("validate --event reads from S3: SHOPKPI_BUCKET and the AWS settings must be set")
     source = event.source
-    try:
-        return validate(source, settings, env, None)
-    except NotFound:
+    if not env.s3.exists(_s3_key(source, env)):
         if event.etag is not None and env.s3.exists(f"{_report_prefix(file_id_for(source, event.etag))}/report.json"):
             log.info("file.gone", source=source, message="already validated by an earlier delivery of its event")
             return {"source": source, "outcome": "skipped", "duplicate": True, "message": "source already processed"}
-        raise
+        raise NotFound(f"{source} does not exist and was never processed (event key {event.key!r})", source=source)
+    return validate(source, settings, env, None)
 
 
 def validate(source: str, settings: Settings, env: Env | None, local_staging: Path | None) -> dict[str, Any]:
