@@ -141,8 +141,8 @@ def _check(
     }
     outcomes: Counter[str] = Counter()
     for delivery, item in {x.file_id: (d, x) for d, x in zip(deliveries, landed, strict=True)}.values():
-        record = operations.record(op, item) or {}
-        outcome = str(record.get("outcome", "none"))
+        record = operations.record(op, item)
+        outcome = (record.outcome if record is not None else None) or "none"
         outcomes[outcome] += 1
         if outcome != delivery.expected:
             report.failures.append(f"{item.key} ({delivery.kind}): ledger says {outcome}, expected {delivery.expected}")

@@ -18,7 +18,7 @@ from processor.aws import make_clients
 from processor.aws.clients import Clients
 from processor.aws.cloudformation import StackOutputs, Stacks
 from processor.aws.control import Queue, Workflow
-from processor.aws.dynamo import KpiTables, Ledger
+from processor.aws.dynamo import FileRecord, KpiTables, Ledger
 from processor.aws.s3 import S3Store
 from processor.errors import ConfigError
 from processor.model import CategoryKpi, OrderKpi
@@ -96,7 +96,7 @@ def _iso(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def record(stack: Stack, item: Landed) -> dict[str, Any] | None:
+def record(stack: Stack, item: Landed) -> FileRecord | None:
     """The ledger's record of a landed file: its outcome, or the failure the workflow recorded after this upload
     (a task that crashed, hung or could not start before the file had an id)."""
     found = stack.ledger.get_file(item.file_id)
@@ -104,7 +104,7 @@ def record(stack: Stack, item: Landed) -> dict[str, Any] | None:
         return found
     failure = stack.ledger.get_failure(item.source) if item.source else None
     # Second precision: the landing time comes from S3, the failure time from Step Functions.
-    if failure is not None and str(failure.get("updated_at", ""))[:19] >= item.landed_at[:19]:
+    if failure is not None and (failure.updated_at or "")[:19] >= item.landed_at[:19]:
         return failure
     return None
 
@@ -133,10 +133,14 @@ def wait(stack: Stack, timeout_s: float, files: Sequence[Landed] = (), settle_s:
 
 
 def outcomes(stack: Stack, landed: list[Landed]) -> list[dict[str, Any]]:
-    return [
-        {"file": item.key, "file_id": item.file_id, **(record(stack, item) or {"outcome": "unknown"})}
-        for item in landed
-    ]
+    """One JSON-ready row per landed file: its key (``file``), its id and its ledger record's fields (``outcome``
+    ``unknown`` when it has none yet)."""
+    out = []
+    for item in landed:
+        found = record(stack, item)
+        fields = msgspec.to_builtins(found) if found is not None else {"outcome": "unknown"}
+        out.append({"file": item.key, "file_id": item.file_id, **fields})
+    return out
 
 
 def failed_executions(stack: Stack, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -198,16 +202,16 @@ def reprocess(stack: Stack, date_from: str, date_to: str) -> str:
     return stack.workflow.start({"reprocess": {"from": date_from, "to": date_to}}, name_hint="reprocess")
 
 
-def runs(stack: Stack, limit: int = 20) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def runs(stack: Stack, limit: int = 20) -> tuple[list[dict[str, Any]], list[FileRecord]]:
     """Recent executions (Step Functions) and recent file outcomes (ledger)."""
     executions = stack.workflow.executions(limit=limit)
     return executions, stack.ledger.files(limit=limit)
 
 
-def rejects(stack: Stack, limit: int = 50) -> list[dict[str, Any]]:
+def rejects(stack: Stack, limit: int = 50) -> list[FileRecord]:
     """Files rejected by validation and files whose processing failed after its retries, newest first."""
     found = stack.ledger.files(limit=limit, outcome="rejected") + stack.ledger.files(limit=limit, outcome="failed")
-    return sorted(found, key=lambda f: str(f.get("updated_at", "")), reverse=True)[:limit]
+    return sorted(found, key=lambda f: f.updated_at or "", reverse=True)[:limit]
 
 
 def merge_rejects(stack: Stack) -> dict[str, Any]:

@@ -300,14 +300,17 @@ def run_merge(
     ledger, tables = env.ledger(), env.kpi_tables()
     if ledger is None or tables is None:
         raise ConfigError("SHOPKPI_LEDGER_TABLE, SHOPKPI_ORDER_TABLE and SHOPKPI_CATEGORY_TABLE must be set")
+    from processor.aws.dynamo import MergeLock
+
+    lock = MergeLock(ledger.client, ledger.table)  # the lock is an item of the ledger table
     owner = f"{settings.execution_id}/{uuid.uuid4().hex[:8]}"
     try:
-        generation = ledger.acquire_lock(owner, settings.lock_ttl_s)
+        generation = lock.acquire(owner, settings.lock_ttl_s)
     except LockBusy:
         # Another merge runs. A plain merge (not a reprocess, whose dates are its own) hands its work over: its files
         # are committed, and the running merge merges again before it lets go of the lock. So a burst of executions
         # does not queue on the lock (and fail once its retries run out) for work one merge does.
-        holder = ledger.hand_over(owner) if force is None else None
+        holder = lock.hand_over(owner) if force is None else None
         if holder is None:
             raise
         log.info("merge.handed_over", holder=holder)
@@ -315,12 +318,12 @@ def run_merge(
     started = datetime.now(UTC).isoformat()
     # The lease is renewed with every heartbeat, so a long merge keeps it; a merge that lost it stops before its
     # next write (fence) and never moves the head.
-    env.lease = lambda: ledger.renew_lock(owner, generation, settings.lock_ttl_s)
+    env.lease = lambda: lock.renew(owner, generation, settings.lock_ttl_s)
     try:
         computed_at = datetime.now(UTC).isoformat()
 
         def fence() -> None:
-            ledger.check_lock(owner, generation)
+            lock.check(owner, generation)
 
         def publish(pub: Publication, gen: int) -> int:
             fence()
@@ -352,9 +355,7 @@ def run_merge(
                     rows_per_pass=settings.merge_rows,
                     fence=fence,
                 )
-            if ledger.release_lock(owner, generation, unless_pending=True) or not ledger.take_pending(
-                owner, generation
-            ):
+            if lock.release(owner, generation, unless_pending=True) or not lock.take_pending(owner, generation):
                 break  # released (or lost: the fence stopped any write) -- else a merge handed its files over
             log.info("merge.again", round=rounds + 1)
         summary = {**msgspec.structs.asdict(result), "rounds": rounds}
@@ -362,7 +363,7 @@ def run_merge(
         return summary
     finally:
         env.lease = None
-        ledger.release_lock(owner, generation)
+        lock.release(owner, generation)
 
 
 def _kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> dict[str, Any]:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
+
+if TYPE_CHECKING:
+    from processor.aws.dynamo import FileRecord
 
 # Piped into a file or another tool, a table keeps its full width: rich's default of 80 columns would cut cells
 # ("total_ord…"). On a terminal, the terminal's width.
@@ -113,22 +117,29 @@ def print_category(category: Sequence[CategoryKpi]) -> None:
     console.print(c)
 
 
-def print_outcomes(results: Sequence[dict[str, Any]]) -> None:
+def _record(row: FileRecord | Mapping[str, Any]) -> FileRecord:
+    from processor.aws.dynamo import FileRecord  # the AWS adapter only for the commands that read the ledger
+
+    return row if isinstance(row, FileRecord) else msgspec.convert(row, FileRecord)
+
+
+def _file_cells(f: FileRecord) -> tuple[str, str, str]:
+    """A ledger record's rows, rejected rows and reasons (its failure's error code when it failed)."""
+    rows = "" if f.rows is None else str(f.rows)
+    rejected = "" if f.rejected_rows is None else str(f.rejected_rows)
+    return rows, rejected, _reasons(f.reason or f.error_code, f.rejects_by_reason)
+
+
+def print_outcomes(results: Sequence[Mapping[str, Any]]) -> None:
+    """The rows of ``ingest --wait`` (:func:`orchestration.operations.outcomes`): each landed ``file`` with the fields
+    of its ledger record."""
     t = Table(title="File outcomes", title_justify="left")
     for col in ("file", "outcome", "rows", "rejected", "reason"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
     for r in results:
-        reasons = _reasons(r.get("reason") or r.get("error_code"), r.get("rejects_by_reason"))
-        style = "red" if r.get("outcome") != "accepted" else None
-        _add_row(
-            t,
-            str(r["file"]),
-            str(r.get("outcome")),
-            str(r.get("rows", "")),
-            str(r.get("rejected_rows", "")),
-            reasons,
-            style=style,
-        )
+        f = _record(r)
+        style = "red" if f.outcome != "accepted" else None
+        _add_row(t, str(r["file"]), str(f.outcome), *_file_cells(f), style=style)
     console.print(t)
 
 
@@ -156,22 +167,13 @@ def print_executions(executions: Sequence[dict[str, Any]]) -> None:
     console.print(t)
 
 
-def print_ledger(files: Sequence[dict[str, Any]], title: str) -> None:
+def print_ledger(files: Sequence[FileRecord | Mapping[str, Any]], title: str) -> None:
     t = Table(title=title, title_justify="left")
     for col in ("updated", "source", "dataset", "outcome", "rows", "rejected", "reasons"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
-    for f in files:
-        reasons = _reasons(f.get("reason") or f.get("error_code"), f.get("rejects_by_reason"))
-        _add_row(
-            t,
-            str(f.get("updated_at", ""))[:19],
-            str(f.get("source", "")).rsplit("/", 1)[-1],
-            str(f.get("dataset")),
-            str(f.get("outcome")),
-            str(f.get("rows", "")),
-            str(f.get("rejected_rows", "")),
-            reasons,
-        )
+    for f in map(_record, files):
+        source = (f.source or "").rsplit("/", 1)[-1]
+        _add_row(t, (f.updated_at or "")[:19], source, str(f.dataset), str(f.outcome), *_file_cells(f))
     console.print(t)
 
 

@@ -463,7 +463,9 @@ CLIENT_TYPES = {"S3Client": "s3", "DynamoDBClient": "dynamodb", "SFNClient": "st
 WAITERS = {("dynamodb", "table_exists"): "describe_table"}
 #: Functions of task modules that tasks never run, and why (checked: no task module calls them).
 NOT_RUN_BY_TASKS = {
-    ("processor.aws.dynamo", "create_tables"): "tests and the embedded stack create tables; on AWS CloudFormation does",
+    ("processor.aws.dynamo.tables", "create_tables"): (
+        "tests and the embedded stack create tables; on AWS CloudFormation does"
+    ),
 }
 #: Step Functions service integrations -> the IAM actions the workflow role needs (Step Functions developer guide).
 INTEGRATIONS = {

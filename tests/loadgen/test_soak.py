@@ -8,6 +8,7 @@ import pytest
 
 from loadgen import soak
 from orchestration import operations
+from processor.aws.dynamo import FileRecord
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def test_a_file_the_ledger_lost_fails_the_soak(monkeypatch: pytest.MonkeyPatch) 
     real_record, real_wait = operations.record, operations.wait
     idle: list[bool] = []
 
-    def forgetful(op: operations.Stack, item: operations.Landed) -> dict[str, Any] | None:
+    def forgetful(op: operations.Stack, item: operations.Landed) -> FileRecord | None:
         # Once the pipeline is idle, the products file's record is gone from what the checks read.
         return None if idle and item.key.endswith("products.csv") else real_record(op, item)
 

@@ -50,6 +50,7 @@ import pytest
 from loadgen.generate import generate
 from orchestration import operations
 from orchestration.local.stack import EmbeddedStack
+from processor.aws.dynamo import FileRecord
 from processor.aws.s3 import event_key
 from processor.schema import DATASETS
 from processor.settings import Settings
@@ -198,7 +199,7 @@ def land(
     return landed
 
 
-def ledger_record(op: operations.Stack, landed: operations.Landed) -> dict[str, Any]:
+def ledger_record(op: operations.Stack, landed: operations.Landed) -> FileRecord:
     record = op.ledger.get_file(landed.file_id)
     assert record is not None, f"no ledger record for {landed.key}"
     return record
@@ -213,7 +214,7 @@ def execution_arn(op: operations.Stack, name: str) -> str:
 
 def executions_of(op: operations.Stack, landed: Sequence[operations.Landed]) -> list[str]:
     """ARNs of the executions that validated these files (the ledger's ``execution`` is the execution name)."""
-    names = sorted({str(ledger_record(op, x)["execution"]) for x in landed})
+    names = sorted({str(ledger_record(op, x).execution) for x in landed})
     return [execution_arn(op, n) for n in names]
 
 
@@ -427,8 +428,8 @@ def test_happy_path_lands_through_the_trigger_and_publishes_the_reference_kpis(
     shop, landed = happy
 
     records = {x.path.name: ledger_record(op, x) for x in landed}
-    assert {n: r["outcome"] for n, r in records.items()} == dict.fromkeys(records, "accepted")
-    assert {n: (r["rows"], r["valid_rows"]) for n, r in records.items()} == {
+    assert {n: r.outcome for n, r in records.items()} == dict.fromkeys(records, "accepted")
+    assert {n: (r.rows, r.valid_rows) for n, r in records.items()} == {
         "products_happy.csv": (2, 2),
         "orders_happy.csv": (4, 4),
         "order_items_happy.csv": (6, 6),
@@ -475,7 +476,7 @@ def test_file_missing_a_required_column_is_quarantined_and_the_execution_succeed
     (landed,) = land(op, [bad])
 
     record = ledger_record(op, landed)
-    assert record["outcome"] == "rejected" and record["reason"] == "missing_column"
+    assert record.outcome == "rejected" and record.reason == "missing_column"
     (arn,) = executions_of(op, [landed])
     described = finished(op, arn)
     assert described["status"] == "SUCCEEDED", "a bad file is an expected outcome, not a failure"
@@ -516,11 +517,11 @@ def test_bad_rows_under_the_threshold_are_reported_and_only_good_rows_count(
     want_rejects = {orders_path: [(7, "unknown_status"), (19, "bad_type")], items_path: [(11, "negative_money")]}
     for x in landed:
         record = ledger_record(op, x)
-        assert record["outcome"] == "accepted", x.key
+        assert record.outcome == "accepted", x.key
         if x.path not in want_rejects:
             continue
         assert reference_rejects(x.path) == want_rejects[x.path], "the test's own expectation agrees with the reference"
-        assert record["rejected_rows"] == len(want_rejects[x.path])
+        assert record.rejected_rows == len(want_rejects[x.path])
         body = op.s3.get_bytes(f"reports/{x.file_id}/rejected_rows.csv").decode()
         lines = body.splitlines()
         header = lines[0].split(",")
@@ -547,7 +548,7 @@ def test_validate_task_crashing_once_times_out_and_succeeds_on_retry(
     (target,) = landed
 
     assert wrapped.calls() == [target.key] * 2, "crashed once, ran again"
-    assert ledger_record(op, target)["outcome"] == "accepted"
+    assert ledger_record(op, target).outcome == "accepted"
     (arn,) = executions_of(op, landed)
     assert finished(op, arn)["status"] == "SUCCEEDED"
     history = op.workflow.history(arn)
@@ -648,7 +649,7 @@ def test_one_failing_file_does_not_stop_the_good_files_of_its_batch(
     merge = [end for command, end, _ in task_attempts(fb.history) if command == ["merge"]]
     assert merge == ["TaskSucceeded"]
     for x in fb.good:
-        assert ledger_record(op, x)["outcome"] == "accepted"
+        assert ledger_record(op, x).outcome == "accepted"
         assert not op.s3.exists(x.key)
     assert stored_kpis(op, "2030-05-01", "2030-05-31") == expected_kpis(fb.shop.paths), "good files published"
     assert op.s3.exists(fb.bad.key), "the bad file is left for a retry"
@@ -660,10 +661,10 @@ def test_a_file_failed_after_its_retries_is_recorded_as_failed_and_listed_with_r
 ) -> None:
     fb = failed_batch
     record = op.ledger.get_failure(fb.bad.source)
-    assert record is not None and record["outcome"] == "failed" and record["error_code"] == "States.Timeout"
-    assert record["execution"] == fb.described["name"]
-    listed = [f for f in operations.rejects(op) if f.get("source") == fb.bad.source]
-    assert [f["outcome"] for f in listed] == ["failed"]
+    assert record is not None and record.outcome == "failed" and record.error_code == "States.Timeout"
+    assert record.execution == fb.described["name"]
+    listed = [f for f in operations.rejects(op) if f.source == fb.bad.source]
+    assert [f.outcome for f in listed] == ["failed"]
 
 
 def test_ingest_wait_shows_the_failed_file_and_execution_and_exits_non_zero(
@@ -714,7 +715,7 @@ def test_the_same_object_delivered_twice_is_counted_and_staged_once(op: operatio
     assert stored_kpis(op, "2030-07-01", "2030-07-31") == expected_kpis(shop.paths), "counted once"
     staged = keys(op, "staging/manifest/")
     for x in first[:3]:
-        assert ledger_record(op, x)["outcome"] == "accepted"
+        assert ledger_record(op, x).outcome == "accepted"
         assert [k for k in staged if Path(k).name.startswith(x.path.stem + "-")] == [
             f"staging/manifest/{x.file_id}.json"
         ]
@@ -744,7 +745,7 @@ def test_generated_shop_landed_in_random_order_gives_exactly_the_reference_kpis(
         landed += operations.ingest(op, [p])
     assert operations.wait(op, WAIT_S * 2, landed, settle_s=SETTLE_S)
 
-    assert {ledger_record(op, x)["outcome"] for x in landed} == {"accepted"}
+    assert {ledger_record(op, x).outcome for x in landed} == {"accepted"}
     for arn in executions_of(op, landed):
         assert finished(op, arn)["status"] == "SUCCEEDED"
     kpis = stored_kpis(op, "2029-01-01", "2029-12-31")
@@ -821,7 +822,7 @@ def test_file_names_that_s3_events_url_encode_are_processed_not_lost(op: operati
     paths = [p.rename(p.with_name(n)) for p, n in zip(shop.paths, names, strict=True)]
     landed = land(op, paths)
     for x in landed:
-        assert ledger_record(op, x)["outcome"] == "accepted", x.key
+        assert ledger_record(op, x).outcome == "accepted", x.key
         assert not op.s3.exists(x.key), f"{x.key} left in incoming/"
     archived = {k.rsplit("/", 1)[-1] for k in keys(op, "archive/")}
     assert set(names) <= archived

@@ -594,7 +594,7 @@ def test_a_file_failing_validation_is_recorded_in_the_ledger_by_its_source(run: 
         if e["type"] == "TaskFailed" and e["taskFailedEventDetails"]["error"].startswith("DynamoDB.")
     ][:1]
     # ... under the key the ledger reads them by (operations.record, for `shopkpi ingest --wait`).
-    from processor.aws.dynamo import _failure_key
+    from processor.aws.dynamo.ledger import _failure_key
 
     wanted = {
         _failure_key(join_uri(run.records[i]["bucket"], key_from_event(run.records[i]["key"])))["pk"]["S"]

@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 
 from processor import tasks
 from processor.aws import make_clients
-from processor.aws.dynamo import KpiTables, Ledger, create_tables
+from processor.aws.dynamo import KpiTables, Ledger, MergeLock, create_tables
 from processor.settings import Settings
 from processor.tasks import main
 from tests.builders import WriteCsv, item, order, product
@@ -89,8 +89,8 @@ def test_files_flow_from_s3_to_dynamodb_and_originals_are_archived(
     [books] = tables.category("Books", "2025-03-01", "2025-03-31")
     assert books.avg_order_value == Decimal("10.50")
     ledger = Ledger(clients.dynamodb, stack.ledger_table)
-    assert {f["outcome"] for f in ledger.files()} == {"accepted"} and len(ledger.files()) == 3
-    assert ledger.runs()[0]["execution_id"] == "exec-1"
+    assert {f.outcome for f in ledger.files()} == {"accepted"} and len(ledger.files()) == 3
+    assert ledger.runs()[0].execution_id == "exec-1"
 
 
 def test_rejected_file_is_quarantined_with_its_report(
@@ -146,7 +146,7 @@ def test_same_object_delivered_twice_is_staged_once(
 def test_a_reprocess_that_finds_the_lock_held_is_a_retryable_failure(
     stack: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    Ledger(make_clients(stack).dynamodb, stack.ledger_table).acquire_lock("other-run", 600)
+    MergeLock(make_clients(stack).dynamodb, stack.ledger_table).acquire("other-run", 600)
     code, result = task(capsys, "merge", "--from", "2025-03-01", "--to", "2025-03-02")
     assert code == 1 and result["error"]["code"] == "ShopKpi.LockBusy"  # type: ignore[index]
 
@@ -154,20 +154,20 @@ def test_a_reprocess_that_finds_the_lock_held_is_a_retryable_failure(
 def test_a_merge_that_finds_another_running_hands_its_files_over_and_succeeds(
     stack: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ledger = Ledger(make_clients(stack).dynamodb, stack.ledger_table)
-    generation = ledger.acquire_lock("other-run", 600)
+    lock = MergeLock(make_clients(stack).dynamodb, stack.ledger_table)
+    generation = lock.acquire("other-run", 600)
     code, result = task(capsys, "merge")
     assert code == 0 and result["handed_over_to"] == "other-run"
     # The running merge may not let go of the lock before it has merged once more.
-    assert not ledger.release_lock("other-run", generation, unless_pending=True)
-    assert ledger.take_pending("other-run", generation)
-    assert ledger.release_lock("other-run", generation, unless_pending=True)
+    assert not lock.release("other-run", generation, unless_pending=True)
+    assert lock.take_pending("other-run", generation)
+    assert lock.release("other-run", generation, unless_pending=True)
 
 
 def test_the_running_merge_merges_again_what_was_handed_over_while_it_ran(
     stack: Settings, write_csv: WriteCsv, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ledger = Ledger(make_clients(stack).dynamodb, stack.ledger_table)
+    lock = MergeLock(make_clients(stack).dynamodb, stack.ledger_table)
     real_merge = tasks.merge
     calls: list[int] = []
 
@@ -177,7 +177,7 @@ def test_the_running_merge_merges_again_what_was_handed_over_while_it_ran(
             src = land(write_csv("orders.csv", [order(11, 101, "2025-03-02T08:00:00")]), "incoming/orders/late.csv")
             _, late = task(capsys, "validate", src)
             task(capsys, "transform", str(late["file_id"]))
-            assert ledger.hand_over("late-run") is not None
+            assert lock.hand_over("late-run") is not None
         return real_merge(*args, **kwargs)  # type: ignore[arg-type]
 
     src = land(write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]), "incoming/orders/first.csv")
@@ -188,7 +188,7 @@ def test_the_running_merge_merges_again_what_was_handed_over_while_it_ran(
     assert code == 0 and result["rounds"] == 2
     tables = KpiTables(make_clients(stack).dynamodb, stack.order_table, stack.category_table)
     assert [k.order_date for k in tables.daily(None, None)] == ["2025-03-01", "2025-03-02"], "the late file counted"
-    assert ledger.lock_holder() is None, "and the lock was let go"
+    assert lock.holder() is None, "and the lock was let go"
 
 
 def test_local_paths_work_without_aws(write_csv: WriteCsv, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
 import boto3
+import orjson
 import pytest
 
 from orchestration import operations
@@ -21,6 +22,7 @@ from processor.errors import ConfigError
 from processor.model import CategoryKpi, OrderKpi
 from shopkpi import cli
 from shopkpi.cli import build_parser, main
+from tests.builders import WriteCsv, order
 
 
 def one_line(text: str) -> str:
@@ -325,3 +327,292 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"shopkpi {metadata.version('shopkpi')}"
+
+
+# --- every command through main (issue 10, item 4) ---------------------------------------------------------------
+def test_every_command_is_registered_in_the_order_of_the_help() -> None:
+    paths = [" ".join(c.path) for c in cli._COMMANDS]
+    assert paths == [
+        "process",
+        "local up",
+        "ingest",
+        "wait",
+        "kpis daily",
+        "kpis category",
+        "reprocess",
+        "runs",
+        "rejects",
+        "dashboard",
+        "demo",
+        "deploy",
+    ]
+
+
+@pytest.mark.parametrize("path", [c.path for c in cli._COMMANDS], ids=lambda p: " ".join(p))
+def test_every_command_has_help_that_exits_0(
+    no_stack: None, capsys: pytest.CaptureFixture[str], path: tuple[str, ...]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*path, "--help"])
+    assert exit_.value.code == cli.ExitCode.OK
+    assert f"usage: shopkpi {' '.join(path)}" in capsys.readouterr().out
+
+
+def test_exit_codes_are_the_documented_numbers() -> None:
+    assert {c.name: c.value for c in cli.ExitCode} == {
+        "OK": 0,
+        "NOT_EXACT": 1,
+        "USAGE": 2,
+        "REJECTED": 3,
+        "TIMED_OUT": 4,
+        "FAILED": 5,
+    }
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for code in cli.ExitCode:
+        assert f"\n| {code.value} | " in readme, f"exit status {code.value} is not in the README's table"
+
+
+def stub_stack(monkeypatch: pytest.MonkeyPatch, **attributes: object) -> SimpleNamespace:
+    stack = SimpleNamespace(outputs=SimpleNamespace(bucket="landing"), **attributes)
+    monkeypatch.setattr(cli, "_stack", lambda settings: stack)
+    return stack
+
+
+@pytest.mark.parametrize(
+    ("done", "outcomes", "failed", "expected"),
+    [
+        (True, ["accepted", "accepted"], [], cli.ExitCode.OK),
+        (True, ["accepted", "rejected"], [], cli.ExitCode.REJECTED),
+        (True, ["accepted", "failed"], [], cli.ExitCode.FAILED),
+        (True, ["accepted", "accepted"], [{"name": "batch-1", "status": "FAILED"}], cli.ExitCode.FAILED),
+        (False, ["accepted", "unknown"], [], cli.ExitCode.TIMED_OUT),
+    ],
+    ids=["accepted", "rejected", "failed-file", "failed-execution", "timed-out"],
+)
+def test_ingest_wait_exits_with_the_worst_outcome(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    done: bool,
+    outcomes: list[str],
+    failed: list[dict[str, str]],
+    expected: cli.ExitCode,
+) -> None:
+    paths = [tmp_path / "orders.csv", tmp_path / "products.csv"]
+    for p in paths:
+        p.write_text("x\n")
+    stub_stack(monkeypatch)
+    landed = [operations.Landed(p, f"incoming/x/{p.name}", f"id-{p.name}") for p in paths]
+    monkeypatch.setattr(operations, "ingest", lambda stack, given: landed if given == paths else [])
+    monkeypatch.setattr(operations, "wait", lambda stack, timeout, files: done)
+    results = [{"file": f.key, "outcome": o} for f, o in zip(landed, outcomes, strict=True)]
+    monkeypatch.setattr(operations, "outcomes", lambda stack, files: results)
+    monkeypatch.setattr(operations, "failed_executions", lambda stack, records: failed)
+    assert main(["ingest", *map(str, paths), "--wait", "--timeout", "7"]) == expected
+    out = capsys.readouterr()
+    assert "uploaded 2 files to s3://landing/incoming/" in out.err
+    assert "incoming/x/orders.csv" in out.out
+    assert ("timed out after 7 s" in out.err) == (not done)
+    assert ("batch-1" in out.out) == bool(failed)
+
+
+def test_ingest_without_wait_only_uploads(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "orders.csv"
+    path.write_text("x\n")
+    stub_stack(monkeypatch)
+    monkeypatch.setattr(operations, "ingest", lambda stack, paths: [operations.Landed(path, "incoming/o", "1")])
+    monkeypatch.setattr(operations, "wait", lambda *a: pytest.fail("waited without --wait"))
+    assert main(["ingest", str(path)]) == cli.ExitCode.OK
+    assert capsys.readouterr().err == "uploaded 1 files to s3://landing/incoming/\n"
+
+
+@pytest.mark.parametrize(("idle", "expected"), [(True, cli.ExitCode.OK), (False, cli.ExitCode.TIMED_OUT)])
+def test_wait(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], idle: bool, expected: cli.ExitCode
+) -> None:
+    stub_stack(monkeypatch)
+    monkeypatch.setattr(operations, "wait", lambda stack, timeout: idle)
+    assert main(["wait", "--timeout", "5"]) == expected
+    assert capsys.readouterr().err == ("" if idle else "still busy after 5 s\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "idle", "status", "expected"),
+    [
+        ([], True, "RUNNING", cli.ExitCode.OK),
+        (["--wait"], True, "SUCCEEDED", cli.ExitCode.OK),
+        (["--wait"], True, "FAILED", cli.ExitCode.FAILED),
+        (["--wait"], False, "RUNNING", cli.ExitCode.TIMED_OUT),
+    ],
+    ids=["started", "succeeded", "failed", "timed-out"],
+)
+def test_reprocess(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    idle: bool,
+    status: str,
+    expected: cli.ExitCode,
+) -> None:
+    started: list[object] = []
+
+    def start(payload: object, name_hint: str) -> str:
+        started.append(payload)
+        return "arn:reprocess-1"
+
+    stub_stack(monkeypatch, workflow=SimpleNamespace(start=start, describe=lambda arn: {"status": status}))
+    monkeypatch.setattr(operations, "wait", lambda stack, timeout: idle)
+    assert main(["reprocess", "--from", "2025-03-01", "--to", "2025-03-02", *argv]) == expected
+    assert started == [{"reprocess": {"from": "2025-03-01", "to": "2025-03-02"}}]
+    out = capsys.readouterr()
+    assert out.out == "arn:reprocess-1\n"
+    if argv and idle:
+        assert out.err == f"reprocessing {status.lower()}\n"
+
+
+EXECUTION = {"name": "batch-20250301", "status": "SUCCEEDED", "startDate": "2025-03-01", "stopDate": "2025-03-01"}
+
+
+@pytest.mark.parametrize("json", [False, True], ids=["table", "json"])
+def test_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], json: bool) -> None:
+    stub_stack(monkeypatch)
+    monkeypatch.setattr(operations, "runs", lambda stack, limit: ([EXECUTION], []) if limit == 3 else ([], []))
+    assert main(["runs", "--limit", "3", *(["--json"] if json else [])]) == cli.ExitCode.OK
+    out = capsys.readouterr().out
+    assert "batch-20250301" in out
+    assert ('"executions"' in out) == json
+
+
+@pytest.mark.parametrize("json", [False, True], ids=["table", "json"])
+def test_rejects(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], json: bool) -> None:
+    stub_stack(monkeypatch)
+    monkeypatch.setattr(operations, "rejects", lambda stack, limit: [])
+    late = {"user_mismatch": 2, "rows": ["s3://landing/rejected/merge/1.csv"]}
+    monkeypatch.setattr(operations, "merge_rejects", lambda stack: late)
+    assert main(["rejects", *(["--json"] if json else [])]) == cli.ExitCode.OK
+    out = capsys.readouterr().out
+    if json:
+        assert out == "[]\n"
+    else:
+        assert "Rejected files" in out
+        assert "rejected at merge time: 2 items whose user_id differs from their order's" in out
+        assert "s3://landing/rejected/merge/1.csv" in out
+
+
+def test_local_up_serves_the_embedded_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestration.local import stack
+
+    served: list[int] = []
+
+    def serve_forever(settings: object, port: int) -> int:
+        served.append(port)
+        return 0
+
+    monkeypatch.setattr(stack, "serve_forever", serve_forever)
+    assert main(["local", "up", "--port", "0"]) == cli.ExitCode.OK
+    assert served == [0]
+
+
+def test_demo_passes_its_options_and_its_exit_status(no_stack: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shopkpi import demo
+
+    asked: list[dict[str, object]] = []
+
+    def run_demo(settings: object, **options: object) -> cli.ExitCode:
+        asked.append(options)
+        return cli.ExitCode.NOT_EXACT
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    assert main(["demo", "--orders", "2000", "--keep"]) == cli.ExitCode.NOT_EXACT
+    assert asked == [{"orders": 2000, "port": 0, "keep": True}]
+
+
+def test_dashboard_serves_the_stack_until_interrupted(
+    tables: KpiTables, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shopkpi import dashboard
+
+    publish(tables, {"Books": ["2025-03-01"]})
+    closed: list[bool] = []
+
+    class Server:
+        server_address = ("127.0.0.1", 8123)
+
+        def __init__(self, daily: dashboard.DailyReader, category: dashboard.CategoryReader) -> None:
+            self.daily, self.category = daily, category
+
+        def serve_forever(self) -> None:
+            assert [k.order_date for k in self.daily(None, None)] == ["2025-03-01"]
+            assert [k.category for k in self.category(None, "2025-03-01", "2025-03-01")] == ["Books"]
+            raise KeyboardInterrupt
+
+        def server_close(self) -> None:
+            closed.append(True)
+
+    def make_server(host: str, port: int, daily: dashboard.DailyReader, category: dashboard.CategoryReader) -> Server:
+        assert (host, port) == ("127.0.0.1", 8050)
+        return Server(daily, category)
+
+    monkeypatch.setattr(dashboard, "make_server", make_server)
+    assert main(["dashboard"]) == cli.ExitCode.OK
+    assert closed == [True]
+    assert capsys.readouterr().out == "shopkpi dashboard on http://127.0.0.1:8123/ (Ctrl-C stops)\n"
+
+
+# --- the log level -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def logged(
+    write_csv: WriteCsv, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., list[str]]:
+    """``logged(*global_options)``: run ``process`` on one valid file; the levels of the JSON log lines on stderr."""
+    monkeypatch.setenv("SHOPKPI_WORK_DIR", str(tmp_path / "work"))
+    orders = write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")])
+
+    def run(*options: str) -> list[str]:
+        code = main([*options, "process", str(orders), "--staging", str(tmp_path / "staging"), "--json"])
+        assert code == cli.ExitCode.OK
+        return [orjson.loads(line)["level"] for line in capsys.readouterr().err.splitlines()]
+
+    return run
+
+
+def test_the_cli_logs_warnings_only_by_default(
+    logged: Callable[..., list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SHOPKPI_LOG_LEVEL", raising=False)
+    assert "INFO" not in logged()
+
+
+def test_shopkpi_log_level_is_honoured(logged: Callable[..., list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOPKPI_LOG_LEVEL", "INFO")
+    assert "INFO" in logged()
+
+
+def test_the_log_level_option_beats_the_environment(
+    logged: Callable[..., list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOPKPI_LOG_LEVEL", "INFO")
+    assert logged("--log-level", "ERROR") == []
+    monkeypatch.setenv("SHOPKPI_LOG_LEVEL", "ERROR")
+    assert "INFO" in logged("--log-level", "info")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"), [(["--log-level", "LOUD"], None), ([], "LOUD")], ids=["option", "environment"]
+)
+def test_an_unknown_log_level_is_one_line(
+    no_stack: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    env: str | None,
+) -> None:
+    if env:
+        monkeypatch.setenv("SHOPKPI_LOG_LEVEL", env)
+    assert main([*argv, "wait"]) == cli.ExitCode.USAGE
+    assert one_line(capsys.readouterr().err) == (
+        "error [ShopKpi.ConfigError]: log level 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL: "
+        "fix --log-level or SHOPKPI_LOG_LEVEL"
+    )

@@ -1,4 +1,5 @@
-"""KPI tables and the Ledger against moto: access patterns, generation fencing, digests, retries, the lock."""
+"""KPI tables, the Ledger and the MergeLock against moto: access patterns, generation fencing, digests, retries, the
+lock."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ from decimal import Decimal
 from typing import Any, cast
 
 import boto3
+import msgspec
 import pytest
 from botocore.stub import Stubber
 
 from processor.aws.dynamo import (
     BY_DATE,
     BY_KIND,
+    FileRecord,
     KpiTables,
     Ledger,
+    MergeLock,
+    RunRecord,
     TableNames,
     create_tables,
     table_definitions,
@@ -80,6 +85,11 @@ def clock() -> FakeClock:
 @pytest.fixture
 def ledger(ddb: Any, names: TableNames, clock: FakeClock) -> Ledger:
     return Ledger(cast(Any, NoScan(ddb)), names.ledger, clock=clock)
+
+
+@pytest.fixture
+def lock(ddb: Any, names: TableNames, clock: FakeClock) -> MergeLock:
+    return MergeLock(cast(Any, NoScan(ddb)), names.ledger, clock=clock)
 
 
 def order_kpi(day: str, orders: int = 10, returned: int = 1, cents: int = 12_345) -> OrderKpi:
@@ -353,26 +363,31 @@ def test_files_are_listed_newest_first_and_filtered_by_outcome(ledger: Ledger, c
         ledger.record_file(outcome(f"f{i}", ok), execution=f"exec-{i}")
         clock.tick()
 
-    assert [f["file_id"] for f in ledger.files()] == ["f4", "f3", "f2", "f1", "f0"]
-    assert [f["file_id"] for f in ledger.files(limit=2)] == ["f4", "f3"]
-    assert [f["file_id"] for f in ledger.files(outcome="rejected")] == ["f4", "f1"]
-    assert [f["file_id"] for f in ledger.files(outcome="accepted", limit=1)] == ["f3"]
+    assert [f.file_id for f in ledger.files()] == ["f4", "f3", "f2", "f1", "f0"]
+    assert [f.file_id for f in ledger.files(limit=2)] == ["f4", "f3"]
+    assert [f.file_id for f in ledger.files(outcome="rejected")] == ["f4", "f1"]
+    assert [f.file_id for f in ledger.files(outcome="accepted", limit=1)] == ["f3"]
 
     latest = ledger.files(limit=1)[0]
-    assert latest["outcome"] == "rejected" and latest["reason"] == "missing_column"
+    assert latest.outcome == "rejected" and latest.reason == "missing_column"
     accepted = ledger.get_file("f0")
-    assert accepted is not None
-    assert accepted["rejects_by_reason"] == {"bad_type": 2}
-    assert (accepted["rows"], accepted["valid_rows"], accepted["seconds"]) == (100, 98, 1.25)
-    assert accepted["execution"] == "exec-0"
-    assert "pk" not in accepted and "kind" not in accepted
+    assert isinstance(accepted, FileRecord)
+    assert accepted.rejects_by_reason == {"bad_type": 2}
+    assert (accepted.rows, accepted.valid_rows, accepted.seconds) == (100, 98, 1.25)
+    assert accepted.execution == "exec-0"
+    assert accepted.error_code is None
+    # As JSON: the attributes stored, without the key and index ones
+    assert set(msgspec.to_builtins(accepted)) == {
+        "file_id", "source", "dataset", "outcome", "rows", "valid_rows", "rejected_rows", "rejects_by_reason",
+        "seconds", "execution", "updated_at",
+    }  # fmt: skip
 
 
 def test_a_reprocessed_file_replaces_its_outcome(ledger: Ledger, clock: FakeClock) -> None:
     ledger.record_file(outcome("f0", ok=False), execution="exec-1")
     clock.tick()
     ledger.record_file(outcome("f0", ok=True), execution="exec-2")
-    assert [f["execution"] for f in ledger.files()] == ["exec-2"]
+    assert [f.execution for f in ledger.files()] == ["exec-2"]
     assert ledger.files(outcome="rejected") == []
 
 
@@ -385,66 +400,66 @@ def test_runs_are_listed_newest_first_and_updated_in_place(ledger: Ledger, clock
         "exec-1", "SUCCEEDED", "2025-04-01T00:00:00Z", "2025-04-01T00:01:00Z", {"files": 3, "seconds": 0.5}
     )
     runs = ledger.runs()
-    assert [r["execution_id"] for r in runs] == ["exec-1", "exec-2"]
-    assert runs[0]["status"] == "SUCCEEDED"
-    assert runs[0]["summary"] == {"files": 3, "seconds": 0.5}
-    assert "ended_at" not in runs[1]
-    assert ledger.runs(limit=1)[0]["execution_id"] == "exec-1"
-    assert ledger.get_run("exec-2") is not None
+    assert [r.execution_id for r in runs] == ["exec-1", "exec-2"]
+    assert runs[0].status == "SUCCEEDED"
+    assert runs[0].summary == {"files": 3, "seconds": 0.5}
+    assert runs[1].ended_at is None and "ended_at" not in msgspec.to_builtins(runs[1])
+    assert ledger.runs(limit=1)[0].execution_id == "exec-1"
+    assert isinstance(ledger.get_run("exec-2"), RunRecord)
 
 
-def test_next_generation_counts_up_from_one(ledger: Ledger) -> None:
+def test_next_generation_counts_up_from_one(lock: MergeLock) -> None:
     # Atomicity is DynamoDB's (UpdateItem ADD); moto's in-process backend is not thread-safe, so no threads here.
-    assert [ledger.next_generation() for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert [lock.next_generation() for _ in range(5)] == [1, 2, 3, 4, 5]
 
 
 # --- merge lock ------------------------------------------------------------------------------------------
-def test_lock_is_exclusive_while_the_lease_is_live(ledger: Ledger, clock: FakeClock) -> None:
-    generation = ledger.acquire_lock("exec-a", ttl_s=60)
+def test_lock_is_exclusive_while_the_lease_is_live(lock: MergeLock, clock: FakeClock) -> None:
+    generation = lock.acquire("exec-a", ttl_s=60)
     clock.tick(30)
     with pytest.raises(LockBusy) as e:
-        ledger.acquire_lock("exec-b", ttl_s=60)
+        lock.acquire("exec-b", ttl_s=60)
     assert e.value.retryable
     assert e.value.context["holder"] == "exec-a"
-    ledger.check_lock("exec-a", generation)  # still ours
+    lock.check("exec-a", generation)  # still ours
 
 
-def test_an_expired_lease_is_taken_over_and_the_old_holder_becomes_stale(ledger: Ledger, clock: FakeClock) -> None:
-    first = ledger.acquire_lock("exec-a", ttl_s=60)
+def test_an_expired_lease_is_taken_over_and_the_old_holder_becomes_stale(lock: MergeLock, clock: FakeClock) -> None:
+    first = lock.acquire("exec-a", ttl_s=60)
     clock.tick(61)
     with pytest.raises(StaleWriter):
-        ledger.check_lock("exec-a", first)  # expired, even before anyone else takes it
-    second = ledger.acquire_lock("exec-b", ttl_s=60)
+        lock.check("exec-a", first)  # expired, even before anyone else takes it
+    second = lock.acquire("exec-b", ttl_s=60)
     assert second > first  # fencing: generations grow in lock order
     with pytest.raises(StaleWriter):
-        ledger.check_lock("exec-a", first)
-    ledger.check_lock("exec-b", second)
+        lock.check("exec-a", first)
+    lock.check("exec-b", second)
 
 
-def test_release_is_only_by_the_holder(ledger: Ledger) -> None:
-    generation = ledger.acquire_lock("exec-a", ttl_s=60)
-    assert ledger.release_lock("exec-b") is False
-    assert ledger.release_lock("exec-a", generation + 1) is False
+def test_release_is_only_by_the_holder(lock: MergeLock) -> None:
+    generation = lock.acquire("exec-a", ttl_s=60)
+    assert lock.release("exec-b") is False
+    assert lock.release("exec-a", generation + 1) is False
     with pytest.raises(LockBusy):
-        ledger.acquire_lock("exec-b", ttl_s=60)
-    assert ledger.release_lock("exec-a", generation) is True
-    assert ledger.lock_holder() is None
+        lock.acquire("exec-b", ttl_s=60)
+    assert lock.release("exec-a", generation) is True
+    assert lock.holder() is None
     with pytest.raises(StaleWriter):
-        ledger.check_lock("exec-a")
-    ledger.acquire_lock("exec-b", ttl_s=60)
+        lock.check("exec-a")
+    lock.acquire("exec-b", ttl_s=60)
 
 
-def test_the_same_owner_can_retake_its_lock_and_fences_its_earlier_attempt(ledger: Ledger) -> None:
-    first = ledger.acquire_lock("exec-a", ttl_s=60)
-    second = ledger.acquire_lock("exec-a", ttl_s=60)  # a retried task of the same execution
+def test_the_same_owner_can_retake_its_lock_and_fences_its_earlier_attempt(lock: MergeLock) -> None:
+    first = lock.acquire("exec-a", ttl_s=60)
+    second = lock.acquire("exec-a", ttl_s=60)  # a retried task of the same execution
     assert second > first
     with pytest.raises(StaleWriter):
-        ledger.check_lock("exec-a", first)
-    ledger.check_lock("exec-a", second)
-    holder = ledger.lock_holder()
-    assert holder is not None and holder["generation"] == second
+        lock.check("exec-a", first)
+    lock.check("exec-a", second)
+    holder = lock.holder()
+    assert holder is not None and holder.owner == "exec-a" and holder.generation == second
 
 
-def test_lock_generations_share_the_counter(ledger: Ledger) -> None:
-    assert ledger.next_generation() == 1
-    assert ledger.acquire_lock("exec-a", ttl_s=60) == 2
+def test_lock_generations_share_the_counter(lock: MergeLock) -> None:
+    assert lock.next_generation() == 1
+    assert lock.acquire("exec-a", ttl_s=60) == 2
