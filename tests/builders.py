@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from processor.model import OrderKpi
 from processor.schema import DATASETS
 
 #: The ``write_csv`` fixture: ``write_csv("orders_part1.csv", rows, folder="in") -> path``.
@@ -62,3 +63,15 @@ def item(
 
 def product(product_id: int, category: str, price: str = "10.00") -> dict[str, object]:
     return {"id": product_id, "category": category, "retail_price": price, "name": f"p{product_id}"}
+
+
+#: A day whose revenue (10,000,000,000,000,050.05) no binary float holds exactly: what ``--json`` and the dashboard's
+#: API must print digit for digit.
+BIG_DAY = OrderKpi(
+    order_date="2025-04-01",
+    total_orders=3,
+    returned_orders=1,
+    total_items_sold=3,
+    revenue_cents=1_000_000_000_000_005_005,
+    unique_customers=3,
+)

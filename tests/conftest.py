@@ -40,3 +40,32 @@ def write_csv(tmp_path: Path) -> WriteCsv:
 def settings(tmp_path: Path) -> Settings:
     """Settings of a small local run: 4 staging buckets, scratch under ``tmp_path``."""
     return Settings.load(env={}, buckets=4, work_dir=tmp_path / "work")
+
+
+#: The landing bucket of :func:`task_stack`.
+TASK_BUCKET = "landing"
+
+
+@pytest.fixture
+def task_stack(aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """What an ECS task finds on moto: the landing bucket, the three tables, and the stack's names in the
+    environment as the task definition passes them (no task token). Returns the settings the task will load."""
+    import boto3
+
+    from processor.aws.dynamo import create_tables
+
+    names = create_tables(boto3.client("dynamodb"), "t")
+    boto3.client("s3").create_bucket(Bucket=TASK_BUCKET)
+    env = {
+        "SHOPKPI_BUCKET": TASK_BUCKET,
+        "SHOPKPI_ORDER_TABLE": names.order,
+        "SHOPKPI_CATEGORY_TABLE": names.category,
+        "SHOPKPI_LEDGER_TABLE": names.ledger,
+        "SHOPKPI_BUCKETS": "4",
+        "SHOPKPI_WORK_DIR": str(tmp_path / "work"),
+        "SHOPKPI_EXECUTION_ID": "exec-1",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SHOPKPI_TASK_TOKEN", raising=False)
+    return Settings.load()

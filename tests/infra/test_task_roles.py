@@ -16,15 +16,16 @@ import boto3.s3.inject
 import botocore.client
 import pytest
 
-from processor.aws.dynamo import create_tables
 from processor.aws.s3 import event_key
 from processor.schema import DATASETS
+from processor.settings import Settings
 from processor.stage import file_id_for
 from processor.tasks import main
 from tests.builders import item, order, product
+from tests.conftest import TASK_BUCKET
 from tests.infra.test_template import as_list, granted, policy_diff, role_statements, task_code_actions, task_roles
 
-BUCKET = "landing"
+BUCKET = TASK_BUCKET
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
 
@@ -200,28 +201,14 @@ def _csv(path: Path, rows: list[dict[str, object]]) -> Path:
 
 @pytest.fixture
 def runs(
-    aws: None,
+    task_stack: Settings,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     recorder: Recorder,
     capsys: pytest.CaptureFixture[str],
 ) -> Iterator[Runs]:
     """Every task kind run once or more through ``shopkpi-task`` against moto: three accepted files (one delivered
     twice), one rejected file, a merge and a reprocessing merge."""
-    names = create_tables(boto3.client("dynamodb"), "t")
     s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=BUCKET)
-    for k, v in {
-        "SHOPKPI_BUCKET": BUCKET,
-        "SHOPKPI_ORDER_TABLE": names.order,
-        "SHOPKPI_CATEGORY_TABLE": names.category,
-        "SHOPKPI_LEDGER_TABLE": names.ledger,
-        "SHOPKPI_BUCKETS": "4",
-        "SHOPKPI_WORK_DIR": str(tmp_path / "work"),
-        "SHOPKPI_EXECUTION_ID": "exec-1",
-    }.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("SHOPKPI_TASK_TOKEN", raising=False)
     by_kind: dict[str, list[Request]] = {}
 
     def task(*argv: str) -> dict[str, Any]:
@@ -269,9 +256,9 @@ def runs(
     task("merge", "--from", "2025-03-01", "--to", "2025-03-02")
     physical = {
         "LandingBucket": BUCKET,
-        "OrderKpisTable": names.order,
-        "CategoryKpisTable": names.category,
-        "LedgerTable": names.ledger,
+        "OrderKpisTable": task_stack.order_table,
+        "CategoryKpisTable": task_stack.category_table,
+        "LedgerTable": task_stack.ledger_table,
     }
     yield Runs(physical, by_kind)
 

@@ -18,30 +18,18 @@ from botocore.exceptions import ClientError
 
 from processor import tasks
 from processor.aws import make_clients
-from processor.aws.dynamo import KpiTables, Ledger, MergeLock, create_tables
+from processor.aws.dynamo import KpiTables, Ledger, MergeLock
 from processor.settings import Settings
 from processor.tasks import main
 from tests.builders import WriteCsv, item, order, product
+from tests.conftest import TASK_BUCKET
 
-BUCKET = "landing"
+BUCKET = TASK_BUCKET
 
 
 @pytest.fixture
-def stack(aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    names = create_tables(boto3.client("dynamodb"), "t")
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    env = {
-        "SHOPKPI_BUCKET": BUCKET,
-        "SHOPKPI_ORDER_TABLE": names.order,
-        "SHOPKPI_CATEGORY_TABLE": names.category,
-        "SHOPKPI_LEDGER_TABLE": names.ledger,
-        "SHOPKPI_BUCKETS": "4",
-        "SHOPKPI_WORK_DIR": str(tmp_path / "work"),
-        "SHOPKPI_EXECUTION_ID": "exec-1",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    yield Settings.load()
+def stack(task_stack: Settings) -> Settings:
+    return task_stack
 
 
 def land(path: Path, key: str) -> str:

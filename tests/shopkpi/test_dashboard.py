@@ -15,6 +15,7 @@ import pytest
 
 from processor.model import CategoryKpi, OrderKpi
 from shopkpi.dashboard import make_server, serve
+from tests.builders import BIG_DAY
 
 DAILY = [
     OrderKpi(
@@ -39,14 +40,6 @@ CATEGORY = [
         category="Books & <Toys>", order_date="2025-03-02", orders=1, returned_orders=0, items=1, revenue_cents=1000
     )
 ]
-BIG = OrderKpi(
-    order_date="2025-04-01",
-    total_orders=3,
-    returned_orders=1,
-    total_items_sold=3,
-    revenue_cents=1_000_000_000_000_005_005,
-    unique_customers=3,
-)
 
 
 @pytest.fixture
@@ -112,7 +105,7 @@ def test_json_endpoints_return_the_brief_field_names_with_two_decimal_numbers(ur
 
 
 def test_a_total_beyond_float_precision_is_served_exactly() -> None:
-    server = make_server("127.0.0.1", 0, lambda f, t: [BIG], lambda c, f, t: [])
+    server = make_server("127.0.0.1", 0, lambda f, t: [BIG_DAY], lambda c, f, t: [])
     serve(server)
     try:
         _, body = get(f"http://127.0.0.1:{server.server_address[1]}/api/daily")

@@ -12,19 +12,11 @@ from typing import Any
 import pytest
 
 from orchestration import operations
-from processor.model import CategoryKpi, OrderKpi
+from processor.model import CategoryKpi
 from shopkpi import cli
 from shopkpi.cli import main
-from tests.builders import WriteCsv, item, order, product
+from tests.builders import BIG_DAY, WriteCsv, item, order, product
 
-BIG_DAY = OrderKpi(
-    order_date="2025-04-01",
-    total_orders=3,
-    returned_orders=1,
-    total_items_sold=3,
-    revenue_cents=1_000_000_000_000_005_005,
-    unique_customers=3,
-)
 BIG_CATEGORY = CategoryKpi(
     category="Books",
     order_date="2025-04-01",
