@@ -16,19 +16,15 @@ Each command prints its result as one JSON line on stdout (``{"event": "task.res
 ``SHOPKPI_TASK_TOKEN`` environment variable holds a Step Functions task token, reports it with SendTaskSuccess or
 SendTaskFailure (error = the project's error code). Exit codes: 0 done, 1 retryable error, 2 terminal error.
 
-S3 layout of the landing bucket::
-
-    incoming/<dataset>/...            landing (the trigger watches this prefix)
-    archive/<dataset>/<date>/<name>   originals of accepted files, by arrival date
-    rejected/<dataset>/<date>/<name>  originals of rejected files, with <name>.report.json and .rejected_rows.csv
-    reports/<file_id>/report.json     every file's report; rejected_rows.csv beside it
-    staging/                          typed, deduplicated staging area (see processor.stage)
+Each step is written once against a :class:`Workspace`: the landing area (:mod:`processor.landing`: the landing
+bucket, or local files) and the staging area (:mod:`processor.store`), plus, on AWS, the ledger and the KPI tables.
+The landing bucket's layout is in :mod:`processor.landing`; ``incoming/<dataset>/...`` is what the trigger watches,
+``staging/`` holds the typed, deduplicated staging area (see :mod:`processor.stage`).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import shutil
@@ -39,123 +35,76 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import orjson
 
 from processor.errors import ConfigError, InternalError, LockBusy, NotFound, ShopKpiError
-from processor.ingest import open_local
+from processor.landing import Landing, LocalLanding, S3Landing
 from processor.log import configure, context, get_logger
 from processor.merge import Publication, current_kpis, merge
-from processor.model import CategoryKpi, OrderKpi
-from processor.pipeline import Validated, merge_local, segment_for, validate_stream
-from processor.schema import detect_dataset, is_gzip
+from processor.model import CategoryKpi, MergeResult, OrderKpi
+from processor.pipeline import merge_local, segment_for, validate_stream
 from processor.settings import Settings
 from processor.stage import Segment, commit_manifest, file_id_for, is_committed
 from processor.store import LocalStore, S3StagingStore, Store
 
 if TYPE_CHECKING:
     from processor.aws.callback import Callback
+    from processor.aws.clients import Clients
+    from processor.aws.dynamo import KpiTables, Ledger, MergeLock
 
 log = get_logger("task")
 
 
-class _ChunkStream(io.RawIOBase):
-    """A readable byte stream over an iterator of chunks (an S3 response body), for the streaming CSV reader."""
+@dataclass
+class Workspace:
+    """What a task step works on: the landing area, the staging area and, on AWS, the ledger and the KPI tables.
 
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buf = b""
+    Built once per task from its settings (AWS clients are created here, never at import); every step is written
+    once against it, whether the files are in the landing bucket or on local disk.
+    """
 
-    def readable(self) -> bool:
-        return True
+    landing: Landing
+    staging: Store
+    ledger: Ledger | None = None
+    kpis: KpiTables | None = None
+    clients: Clients | None = None
+    #: renews the merge lock's lease while a merge holds it (called with every heartbeat)
+    lease: Callable[[], None] | None = field(default=None, repr=False)
 
-    def readinto(self, b: Any) -> int:
-        while not self._buf:
-            nxt = next(self._chunks, None)
-            if nxt is None:
-                return 0
-            self._buf = nxt
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+    @classmethod
+    def local(cls, root: Path) -> Workspace:
+        """Local files; staged data, reports and rejected rows under ``root``; no ledger, no KPI tables."""
+        return cls(landing=LocalLanding(root), staging=LocalStore(root))
 
-
-class Env:
-    """What a task needs from AWS, built once from the settings (clients are created here, never at import)."""
-
-    def __init__(self, settings: Settings) -> None:
+    @classmethod
+    def aws(cls, settings: Settings) -> Workspace:
         from processor.aws import make_clients
+        from processor.aws.dynamo import KpiTables, Ledger
         from processor.aws.s3 import S3Store
 
         if not settings.bucket:
             raise ConfigError("SHOPKPI_BUCKET is not set (the task definition passes it from the stack)")
-        self.settings = settings
-        self.clients = make_clients(settings)
-        self.s3 = S3Store(self.clients.s3, settings.bucket)
-        self.staging: Store = S3StagingStore(self.s3, "staging", settings.work_dir / "staging-cache")
-        self.lease: Callable[[], None] | None = None  # renews the merge lock's lease while a merge holds it
-
-    def ledger(self) -> Any:
-        from processor.aws.dynamo import Ledger
-
-        if not self.settings.ledger_table:
-            return None
-        return Ledger(self.clients.dynamodb, self.settings.ledger_table)
-
-    def kpi_tables(self) -> Any:
-        from processor.aws.dynamo import KpiTables
-
-        if not (self.settings.order_table and self.settings.category_table):
-            return None
-        return KpiTables(
-            self.clients.dynamodb,
-            self.settings.order_table,
-            self.settings.category_table,
-            threads=self.settings.writer_threads,
+        clients = make_clients(settings)
+        s3 = S3Store(clients.s3, settings.bucket)
+        ledger = Ledger(clients.dynamodb, settings.ledger_table) if settings.ledger_table else None
+        kpis = None
+        if settings.order_table and settings.category_table:
+            kpis = KpiTables(
+                clients.dynamodb, settings.order_table, settings.category_table, threads=settings.writer_threads
+            )
+        return cls(
+            landing=S3Landing(s3),
+            staging=S3StagingStore(s3, "staging", settings.work_dir / "staging-cache"),
+            ledger=ledger,
+            kpis=kpis,
+            clients=clients,
         )
-
-
-def _s3_key(source: str, env: Env) -> str:
-    from processor.aws.s3 import split_uri
-
-    bucket, key = split_uri(source)
-    if bucket != env.s3.bucket:
-        raise ConfigError(f"{source} is not in the landing bucket {env.s3.bucket}")
-    return key
-
-
-@contextmanager
-def _open_source(source: str, env: Env | None) -> Iterator[IO[bytes]]:
-    if env is None:
-        with open_local(Path(source)) as f:
-            yield f
-        return
-    import gzip
-
-    raw: IO[bytes] = io.BufferedReader(_ChunkStream(env.s3.iter_chunks(_s3_key(source, env))), 8 << 20)
-    stream: IO[bytes] = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")) if is_gzip(source) else raw
-    try:
-        yield stream
-    finally:
-        stream.close()
-
-
-def _identity(source: str, env: Env | None) -> tuple[str, datetime]:
-    """(file id, arrival time) of a source: S3 ETag and LastModified, or a local file's size/mtime and now."""
-    if env is None:
-        stat = Path(source).stat()
-        return file_id_for(str(Path(source).resolve()), f"{stat.st_size}:{stat.st_mtime_ns}"), datetime.now(UTC)
-    info = env.s3.head(_s3_key(source, env))
-    return file_id_for(source, info.etag), info.last_modified
-
-
-def _report_prefix(file_id: str) -> str:
-    return f"reports/{file_id}"
 
 
 # --- validate ------------------------------------------------------------------------------------------------
@@ -174,135 +123,82 @@ class LandedEvent(msgspec.Struct, frozen=True):
         return join_uri(self.bucket, key_from_event(self.key))
 
 
-def validate_event(event: LandedEvent, settings: Settings, env: Env | None) -> dict[str, Any]:
+def validate_event(event: LandedEvent, settings: Settings, ws: Workspace) -> dict[str, Any]:
     """Validate the file of a landing event. Its object may be gone because an earlier run of the same event (an
     at-least-once queue) archived or quarantined it: then there is nothing to do. Gone without a trace of that, the
     file is lost (a key that was never in the bucket): a failure, so the workflow alerts, never a silent skip."""
-    if env is None:
-        raise ConfigError("validate --event reads from S3: SHOPKPI_BUCKET and the AWS settings must be set")
     source = event.source
-    if not env.s3.exists(_s3_key(source, env)):
-        if event.etag is not None and env.s3.exists(f"{_report_prefix(file_id_for(source, event.etag))}/report.json"):
+    if not ws.landing.exists(source):
+        if event.etag is not None and ws.landing.get_report(file_id_for(source, event.etag)) is not None:
             log.info("file.gone", source=source, message="already validated by an earlier delivery of its event")
             return {"source": source, "outcome": "skipped", "duplicate": True, "message": "source already processed"}
         raise NotFound(f"{source} does not exist and was never processed (event key {event.key!r})", source=source)
-    return validate(source, settings, env, None)
+    return validate(source, settings, ws)
 
 
-def validate(source: str, settings: Settings, env: Env | None, local_staging: Path | None) -> dict[str, Any]:
-    file_id, arrival = _identity(source, env)
-    staging = env.staging if env else LocalStore(local_staging or Path("shopkpi-staging"))
-    if is_committed(staging, file_id):
+def validate(source: str, settings: Settings, ws: Workspace) -> dict[str, Any]:
+    """Stream one file through validation; upload its staged segment (not yet committed), its report and its
+    rejected rows; record the outcome in the ledger."""
+    file_id, arrival = ws.landing.identity(source)
+    if is_committed(ws.staging, file_id):
         log.info("file.duplicate", file_id=file_id)
         return {"file_id": file_id, "source": source, "outcome": "accepted", "duplicate": True}
     with _scratch(settings, "validate") as tmp:
         # Streamed straight from S3 (gunzipped on the fly): the file never lands on disk, only its staged segment.
-        with _open_source(source, env) as stream:
+        with ws.landing.open(source) as stream:
             v = validate_stream(
                 stream, source=source, file_id=file_id, arrival=arrival, settings=settings, work_dir=tmp
             )
-        return _keep_validation(v, arrival, staging, env, settings.execution_id)
-
-
-def _keep_validation(
-    v: Validated, arrival: datetime, staging: Store, env: Env | None, execution: str
-) -> dict[str, Any]:
-    """Upload the segment (not yet committed), the report and the rejected rows; record the outcome."""
-    fid = v.result.file_id
-    report = dict(v.report)
-    if v.output is not None:
-        seg = segment_for(v, arrival)
-        staging.put_file(v.output.segment, seg.key)
-        report["segment"] = msgspec.structs.asdict(seg)
-    if env is not None:
-        prefix = _report_prefix(fid)
-        if v.rejects_csv is not None and v.rejects_csv.exists():
-            env.s3.upload(v.rejects_csv, f"{prefix}/rejected_rows.csv", content_type="text/csv")
-            report["rejects"] = env.s3.uri(f"{prefix}/rejected_rows.csv")
-        report["report"] = env.s3.uri(f"{prefix}/report.json")
-        env.s3.put_bytes(f"{prefix}/report.json", orjson.dumps(report), content_type="application/json")
-        if (ledger := env.ledger()) is not None:
-            ledger.record_file(v.result, execution)
-    else:
-        staging.put_bytes(f"{_report_prefix(fid)}/report.json", orjson.dumps(report))
-        if v.rejects_csv is not None and v.rejects_csv.exists():
-            staging.put_file(v.rejects_csv, f"{_report_prefix(fid)}/rejected_rows.csv")
-    return {k: report[k] for k in report if k not in ("samples",)}
+        report = dict(v.report)
+        if v.output is not None:
+            seg = segment_for(v, arrival)
+            ws.staging.put_file(v.output.segment, seg.key)
+            report["segment"] = msgspec.structs.asdict(seg)
+        report = ws.landing.put_report(file_id, report, v.rejects_csv)
+    if ws.ledger is not None:
+        ws.ledger.record_file(v.result, settings.execution_id)
+    return {k: report[k] for k in report if k != "samples"}
 
 
 # --- transform / quarantine ----------------------------------------------------------------------------------
-def _load_report(file_id: str, staging: Store, env: Env | None) -> dict[str, Any]:
-    key = f"{_report_prefix(file_id)}/report.json"
-    data = env.s3.get_bytes(key) if env else staging.get_bytes(key)
-    if data is None:
+def _load_report(file_id: str, ws: Workspace) -> dict[str, Any]:
+    report = ws.landing.get_report(file_id)
+    if report is None:
         raise ConfigError(f"no validation report for {file_id}: run validate first")
-    report: dict[str, Any] = orjson.loads(data)
     return report
 
 
-def _dated_key(area: str, source: str, arrival: str) -> str:
-    dataset = detect_dataset(source)
-    name = PurePosixPath(source.split("://", 1)[-1]).name
-    return f"{area}/{dataset.name if dataset else 'unknown'}/{arrival[:10]}/{name}"
-
-
-def transform(file_id: str, settings: Settings, env: Env | None, local_staging: Path | None) -> dict[str, Any]:
-    staging = env.staging if env else LocalStore(local_staging or Path("shopkpi-staging"))
-    report = _load_report(file_id, staging, env)
+def transform(file_id: str, ws: Workspace) -> dict[str, Any]:
+    """Commit an accepted file's segment (merges see it from now on), then archive its original."""
+    report = _load_report(file_id, ws)
     if report.get("outcome") != "accepted" or "segment" not in report:
         raise ConfigError(f"{file_id} was not accepted by validation; nothing to transform")
     seg = msgspec.convert(report["segment"], type=Segment)
-    fresh = commit_manifest(staging, seg)
-    archived = None
-    if env is not None and seg.source.startswith("s3://"):
-        src_key = _s3_key(seg.source, env)
-        if env.s3.exists(src_key):
-            archived = _dated_key("archive", seg.source, report["arrival"])
-            try:
-                env.s3.move(src_key, archived)
-            except NotFound:
-                # The same object delivered twice, its two transforms side by side: the other one archived it.
-                if env.s3.exists(src_key):
-                    raise
-                log.info("file.archived_by_another", file_id=file_id)
+    fresh = commit_manifest(ws.staging, seg)
+    archived = ws.landing.archive(seg.source, report["arrival"])
     return {"file_id": file_id, "committed": fresh, "archived": archived, "buckets": len(seg.buckets)}
 
 
-def quarantine(file_id: str, settings: Settings, env: Env | None) -> dict[str, Any]:
-    if env is None:
-        return {"file_id": file_id, "quarantined": None}  # local files stay where they are; the report says why
-    report = _load_report(file_id, env.staging, env)
-    source = report["source"]
-    dest = _dated_key("rejected", source, report["arrival"])
-    try:
-        env.s3.move(_s3_key(source, env), dest)
-    except NotFound:
-        # The same object delivered twice, its two quarantines side by side: the other one moved it.
-        if not env.s3.exists(dest):
-            raise
-    env.s3.put_bytes(dest + ".report.json", orjson.dumps(report), content_type="application/json")
-    rows_key = f"{_report_prefix(file_id)}/rejected_rows.csv"
-    if env.s3.exists(rows_key):
-        env.s3.copy(rows_key, dest + ".rejected_rows.csv")
-    return {"file_id": file_id, "quarantined": env.s3.uri(dest), "reason": report.get("reason")}
+def quarantine(file_id: str, ws: Workspace) -> dict[str, Any]:
+    """Move a rejected file's original beside its report and rejected rows (a local file stays where it is)."""
+    report = _load_report(file_id, ws)
+    return {"file_id": file_id, "quarantined": ws.landing.quarantine(file_id, report), "reason": report.get("reason")}
 
 
 # --- merge ---------------------------------------------------------------------------------------------------
-def run_merge(
-    settings: Settings, env: Env | None, local_staging: Path | None, force: tuple[str, str] | None
-) -> dict[str, Any]:
-    if env is None:
-        store = LocalStore(local_staging or Path("shopkpi-staging"))
+def run_merge(settings: Settings, ws: Workspace, force: tuple[str, str] | None) -> dict[str, Any]:
+    """Merge what was committed since the last merge: into the KPI tables under the merge lock, or (a local
+    workspace, which has no tables) under the staging directory's file lock, answering the KPIs it now holds."""
+    if ws.kpis is None or ws.ledger is None:
+        if not isinstance(ws.staging, LocalStore):
+            raise ConfigError("SHOPKPI_LEDGER_TABLE, SHOPKPI_ORDER_TABLE and SHOPKPI_CATEGORY_TABLE must be set")
         with _scratch(settings, "merge") as scratch:
-            result = merge_local(store, settings, scratch, force)
-        daily, category = current_kpis(store)
+            result = merge_local(ws.staging, settings, scratch, force)
+        daily, category = current_kpis(ws.staging)
         return {**msgspec.structs.asdict(result), "kpis": _kpis(daily, category)}
-    ledger, tables = env.ledger(), env.kpi_tables()
-    if ledger is None or tables is None:
-        raise ConfigError("SHOPKPI_LEDGER_TABLE, SHOPKPI_ORDER_TABLE and SHOPKPI_CATEGORY_TABLE must be set")
     from processor.aws.dynamo import MergeLock
 
-    lock = MergeLock(ledger.client, ledger.table)  # the lock is an item of the ledger table
+    lock = MergeLock(ws.ledger.client, ws.ledger.table)  # the lock is an item of the ledger table
     owner = f"{settings.execution_id}/{uuid.uuid4().hex[:8]}"
     try:
         generation = lock.acquire(owner, settings.lock_ttl_s)
@@ -318,52 +214,65 @@ def run_merge(
     started = datetime.now(UTC).isoformat()
     # The lease is renewed with every heartbeat, so a long merge keeps it; a merge that lost it stops before its
     # next write (fence) and never moves the head.
-    env.lease = lambda: lock.renew(owner, generation, settings.lock_ttl_s)
+    ws.lease = lambda: lock.renew(owner, generation, settings.lock_ttl_s)
     try:
-        computed_at = datetime.now(UTC).isoformat()
-
-        def fence() -> None:
-            lock.check(owner, generation)
-
-        def publish(pub: Publication, gen: int) -> int:
-            fence()
-            stats = tables.publish(
-                pub.daily,
-                pub.category,
-                gen,
-                computed_at,
-                settings.execution_id,
-                fence=fence,
-                remove_daily=pub.gone_daily,
-                remove_category=pub.gone_category,
-                reconcile=pub.reconcile,
-            )
-            return int(stats.written + stats.removed)
-
-        rounds = 0
-        while True:
-            rounds += 1
-            with context(stage="merge"), _scratch(settings, "merge") as scratch:
-                result, _, _ = merge(
-                    env.staging,
-                    generation=generation,
-                    scratch=scratch,
-                    publish=publish,
-                    force_dates=force if rounds == 1 else None,
-                    buckets=settings.buckets,
-                    orphan_grace_s=settings.orphan_grace_s,
-                    rows_per_pass=settings.merge_rows,
-                    fence=fence,
-                )
-            if lock.release(owner, generation, unless_pending=True) or not lock.take_pending(owner, generation):
-                break  # released (or lost: the fence stopped any write) -- else a merge handed its files over
-            log.info("merge.again", round=rounds + 1)
+        result, rounds = _merge_rounds(settings, ws, ws.kpis, lock, owner, generation, force)
         summary = {**msgspec.structs.asdict(result), "rounds": rounds}
-        ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
+        ws.ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
         return summary
     finally:
-        env.lease = None
+        ws.lease = None
         lock.release(owner, generation)
+
+
+def _merge_rounds(
+    settings: Settings,
+    ws: Workspace,
+    tables: KpiTables,
+    lock: MergeLock,
+    owner: str,
+    generation: int,
+    force: tuple[str, str] | None,
+) -> tuple[MergeResult, int]:
+    """Merge and publish, again as long as another merge handed its files over meanwhile; (last result, rounds)."""
+    computed_at = datetime.now(UTC).isoformat()
+
+    def fence() -> None:
+        lock.check(owner, generation)
+
+    def publish(pub: Publication, gen: int) -> int:
+        fence()
+        stats = tables.publish(
+            pub.daily,
+            pub.category,
+            gen,
+            computed_at,
+            settings.execution_id,
+            fence=fence,
+            remove_daily=pub.gone_daily,
+            remove_category=pub.gone_category,
+            reconcile=pub.reconcile,
+        )
+        return int(stats.written + stats.removed)
+
+    rounds = 0
+    while True:
+        rounds += 1
+        with context(stage="merge"), _scratch(settings, "merge") as scratch:
+            result, _, _ = merge(
+                ws.staging,
+                generation=generation,
+                scratch=scratch,
+                publish=publish,
+                force_dates=force if rounds == 1 else None,
+                buckets=settings.buckets,
+                orphan_grace_s=settings.orphan_grace_s,
+                rows_per_pass=settings.merge_rows,
+                fence=fence,
+            )
+        if lock.release(owner, generation, unless_pending=True) or not lock.take_pending(owner, generation):
+            return result, rounds  # released (or lost: the fence stopped any write) -- else a merge handed over
+        log.info("merge.again", round=rounds + 1)
 
 
 def _kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> dict[str, Any]:
@@ -410,7 +319,7 @@ def _alive(pid: int) -> bool:
 
 
 # --- command line --------------------------------------------------------------------------------------------
-def _callback(env: Env | None, settings: Settings) -> Callback | None:
+def _callback(ws: Workspace, settings: Settings) -> Callback | None:
     """The Step Functions callback of this task, when it was started with a task token."""
     token = os.environ.get("SHOPKPI_TASK_TOKEN")
     if not token:
@@ -418,7 +327,7 @@ def _callback(env: Env | None, settings: Settings) -> Callback | None:
     from processor.aws import make_clients
     from processor.aws.callback import Callback
 
-    clients = env.clients if env is not None else make_clients(settings)
+    clients = ws.clients if ws.clients is not None else make_clients(settings)
     return Callback(clients.stepfunctions, token)
 
 
@@ -487,7 +396,7 @@ _STAGING_HELP = "local staging directory, for local sources (default ./shopkpi-s
 
 
 @contextmanager
-def _heartbeat(env: Env | None, callback: Callback | None, settings: Settings) -> Iterator[None]:
+def _heartbeat(ws: Workspace, callback: Callback | None, settings: Settings) -> Iterator[None]:
     """While the task works, tell Step Functions it is alive (the state's HeartbeatSeconds catches a dead one),
     renew the merge lock's lease if the task holds it, and keep the task's deadline.
 
@@ -497,7 +406,7 @@ def _heartbeat(env: Env | None, callback: Callback | None, settings: Settings) -
     state just under its timeout) has passed, rather than run, and bill, on for nobody.
     """
     deadline = time.monotonic() + settings.task_deadline_s if settings.task_deadline_s > 0 else None
-    if env is None and callback is None and deadline is None:
+    if ws.ledger is None and callback is None and deadline is None:  # no token, no deadline, no merge lock
         yield
         return
     stop = threading.Event()
@@ -513,7 +422,7 @@ def _heartbeat(env: Env | None, callback: Callback | None, settings: Settings) -
                 if not alive:
                     log.error("task.abandoned", message="Step Functions no longer waits for this task: stopping")
                     os._exit(EXIT_ABANDONED)
-            renew = env.lease if env is not None else None
+            renew = ws.lease
             if renew is not None:
                 try:
                     renew()
@@ -541,35 +450,39 @@ def _heartbeat(env: Env | None, callback: Callback | None, settings: Settings) -
 EXIT_ABANDONED = 3
 
 
+def _workspace(args: argparse.Namespace, settings: Settings) -> Workspace:
+    """The landing bucket and the stack's tables for an s3:// source, an event, or a step with no ``--staging``;
+    else local files with ``--staging`` (default ./shopkpi-staging) as their staging directory."""
+    local = Path(args.staging) if args.staging else None
+    remote = args.command in ("merge", "transform", "quarantine") and local is None
+    if str(getattr(args, "source", "")).startswith("s3://") or getattr(args, "event", None) or remote:
+        return Workspace.aws(settings)
+    return Workspace.local(local or Path("shopkpi-staging"))
+
+
+def _run(args: argparse.Namespace, settings: Settings, ws: Workspace) -> dict[str, Any]:
+    if args.command == "validate":
+        return validate_event(args.event, settings, ws) if args.event else validate(args.source, settings, ws)
+    if args.command == "transform":
+        return transform(args.file_id, ws)
+    if args.command == "quarantine":
+        return quarantine(args.file_id, ws)
+    return run_merge(settings, ws, (args.date_from, args.date_to) if args.date_from else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.load()
     configure(settings.log_level)
-    local = Path(args.staging) if args.staging else None
-    env: Env | None = None
     callback: Callback | None = None
     event = getattr(args, "event", None)
     source = event.source if event is not None else getattr(args, "source", None)
     with context(execution=settings.execution_id, stage=args.command, file=source):
         try:
-            remote = args.command in ("merge", "transform", "quarantine") and local is None
-            if str(getattr(args, "source", "")).startswith("s3://") or getattr(args, "event", None) or remote:
-                env = Env(settings)
-            callback = _callback(env, settings)
-            commands: dict[str, Callable[[], dict[str, Any]]] = {
-                "validate": lambda: (
-                    validate_event(args.event, settings, env)
-                    if args.event
-                    else validate(args.source, settings, env, local)
-                ),
-                "transform": lambda: transform(args.file_id, settings, env, local),
-                "quarantine": lambda: quarantine(args.file_id, settings, env),
-                "merge": lambda: run_merge(
-                    settings, env, local, (args.date_from, args.date_to) if args.date_from else None
-                ),
-            }
-            with _heartbeat(env, callback, settings):
-                result = commands[args.command]()
+            ws = _workspace(args, settings)
+            callback = _callback(ws, settings)
+            with _heartbeat(ws, callback, settings):
+                result = _run(args, settings, ws)
         except ShopKpiError as e:
             log.error("task.failed", code=e.code, message=e.message)
             return _report_result(None, e, callback)

@@ -189,6 +189,27 @@ def test_local_paths_work_without_aws(write_csv: WriteCsv, tmp_path: Path, capsy
     assert merged["kpis"]["daily"][0]["total_orders"] == 1  # type: ignore[index]
 
 
+def test_a_local_rejected_file_keeps_its_report_where_s3_would_and_stays_in_place(
+    stack: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One code path per step: the same report keys under the local staging directory as in the landing bucket.
+    bad = tmp_path / "orders.csv"
+    bad.write_text("order_id,user_id,status,created_at,num_of_item\n1,7,complete,not a time,1\n")
+    staging = tmp_path / "st"
+    code, local = task(capsys, "--staging", str(staging), "validate", str(bad))
+    assert code == 0 and local["outcome"] == "rejected"
+    code, remote = task(capsys, "validate", land(bad, "incoming/orders/orders.csv"))
+    assert code == 0 and remote["outcome"] == "rejected"
+    local_report = Path(str(local["report"]))
+    assert local_report == staging / "reports" / str(local["file_id"]) / "report.json"
+    assert str(remote["report"]).endswith(f"/reports/{remote['file_id']}/report.json")
+    assert Path(str(local["rejects"])).name == str(remote["rejects"]).rsplit("/", 1)[-1] == "rejected_rows.csv"
+    assert json.loads(local_report.read_text())["reason"] == remote["reason"]
+
+    code, moved = task(capsys, "--staging", str(staging), "quarantine", str(local["file_id"]))
+    assert code == 0 and moved["quarantined"] is None and bad.exists()  # the user's own file is never moved
+
+
 def test_options_are_accepted_after_the_command(
     write_csv: WriteCsv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -267,7 +288,7 @@ def test_a_result_step_functions_refuses_fails_the_task_instead_of_hanging(
 
 
 def test_a_task_whose_token_is_dead_stops_itself(
-    stack: Settings, monkeypatch: pytest.MonkeyPatch, callback: StrictStepFunctions
+    stack: Settings, monkeypatch: pytest.MonkeyPatch, callback: StrictStepFunctions, tmp_path: Path
 ) -> None:
     from processor.aws.callback import Callback
 
@@ -280,7 +301,7 @@ def test_a_task_whose_token_is_dead_stops_itself(
         exited.set()
 
     monkeypatch.setattr(tasks.os, "_exit", fake_exit)
-    with tasks._heartbeat(None, Callback(callback, "token-1"), stack):
+    with tasks._heartbeat(tasks.Workspace.local(tmp_path), Callback(callback, "token-1"), stack):
         assert exited.wait(10), "the task kept working for a token nobody waits on"
     assert codes == [tasks.EXIT_ABANDONED]
     assert callback.calls[0][0] == "heartbeat"  # the first beat goes at once, not after a heartbeat interval
