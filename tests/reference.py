@@ -9,9 +9,12 @@ It is meant for small data: keep it simple and obviously correct rather than fas
 Choices where the SPEC is silent (kept in one place, see also the report of the helper that wrote this):
 
 * Line numbers are physical 1-based lines of the file where the record starts; the header is line 1.
-* Header names must match exactly (case and spaces); a UTF-8 byte-order mark is ignored.
-* A row with fewer fields than the header has nulls in the missing fields; a row with more fields makes the
-  whole file unreadable (as a strict CSV parser does); blank lines are skipped and are not rows.
+* Header names match case-insensitively once trimmed (SPEC 1); two names equal after that reject the file as
+  ``duplicate_column``. A UTF-8 byte-order mark is ignored.
+* A row with more or fewer fields than the header is ``malformed_row``; a row that is not valid UTF-8 or holds a NUL
+  byte is ``bad_encoding`` (SPEC 2: both row-level); blank lines are skipped and are not rows. Quoting beyond what
+  Python's strict ``csv`` reader takes (a quote that does not open or close a field) makes this reference call the
+  whole file unreadable: it is not meant to follow the processor's recovery there, and no test feeds it such files.
 * A file with no header at all (zero bytes) is ``empty_file``, like a header with no data rows.
 * ``duplicate_key`` applies to a row that is otherwise valid and whose key an earlier *valid* row of the same
   file already has: an invalid first occurrence does not cost the next valid one.
@@ -231,10 +234,35 @@ def check_row(schema: Schema, raw: dict[str, str | None]) -> tuple[Reason | None
 
 
 def _read_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 stay as lone surrogates so only their own rows are rejected."""
     data = path.read_bytes()
     if path.name.lower().endswith(".gz"):
         data = gzip.decompress(data)
-    return data.decode("utf-8-sig")
+    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
+
+
+def _bad_encoding(record: list[str]) -> bool:
+    return any("\x00" in value or any("\udc80" <= ch <= "\udcff" for ch in value) for value in record)
+
+
+def _records(path: Path) -> list[tuple[int, list[str]]]:
+    """(first physical line, fields) of every record, the header included."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    records: list[tuple[int, list[str]]] = []
+    line = 1
+    for record in reader:
+        records.append((line, record))
+        line = reader.line_num + 1
+    return records
+
+
+def _header_reason(schema: Schema, header: list[str]) -> Reason | None:
+    names = [h.strip().lower() for h in header]
+    if len(set(names)) < len(names):
+        return Reason.DUPLICATE_COLUMN
+    if any(c not in names for c in schema.columns if schema.columns[c][1]):
+        return Reason.MISSING_COLUMN
+    return None
 
 
 def check_file(path: Path | str, dataset: str | None = None, max_invalid_share: float = 0.05) -> FileResult:
@@ -247,39 +275,37 @@ def check_file(path: Path | str, dataset: str | None = None, max_invalid_share: 
         return result
     schema = SCHEMAS[dataset]
     try:
-        text = _read_text(path)
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-        records: list[tuple[int, list[str]]] = []
-        line = 1
-        for record in reader:
-            records.append((line, record))
-            line = reader.line_num + 1
-    except (OSError, EOFError, UnicodeDecodeError, zlib.error, csv.Error):
+        records = _records(path)
+    except (OSError, EOFError, zlib.error, csv.Error):
         result.reason = Reason.UNREADABLE
         return result
     if not records:
         result.reason = Reason.EMPTY_FILE
         return result
     header = records[0][1]
-    if any(c not in header for c in schema.columns if schema.columns[c][1]):
-        result.reason = Reason.MISSING_COLUMN
+    if _bad_encoding(header):
+        result.reason = Reason.UNREADABLE
         return result
+    result.reason = _header_reason(schema, header)
+    if result.reason is not None:
+        return result
+    names = [h.strip().lower() for h in header]
     data = [(line, record) for line, record in records[1:] if record]
     if not data:
         result.reason = Reason.EMPTY_FILE
         return result
-    if any(len(record) > len(header) for _, record in data):
-        result.reason = Reason.UNREADABLE
-        return result
     result.rows = len(data)
     seen: set[Any] = set()
     for line, record in data:
-        raw: dict[str, str | None] = {}
-        for name, value in zip(header, record, strict=False):  # a short row leaves its last fields null
-            raw.setdefault(name, value)  # a repeated header name: the first column counts
-        reason, row = check_row(schema, raw)
-        if reason is None and row[schema.key] in seen:
-            reason = Reason.DUPLICATE_KEY
+        reason: Reason | None = None
+        if len(record) != len(names):
+            reason = Reason.MALFORMED_ROW
+        elif _bad_encoding(record):
+            reason = Reason.BAD_ENCODING
+        else:
+            reason, row = check_row(schema, dict(zip(names, record, strict=True)))
+            if reason is None and row[schema.key] in seen:
+                reason = Reason.DUPLICATE_KEY
         if reason is not None:
             result.rejects.append((line, reason))
             continue

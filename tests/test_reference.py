@@ -240,9 +240,9 @@ def test_row_reasons_follow_the_reason_order_and_the_first_key_is_kept(tmp_path:
         "8,1,complete,2025-03-01T10:00:00+05:30,2025-03-01T05:00:00Z,,,1",  # line 11: returned 30 min later: ok
         "9,1,complete,2025-03-01T10:00:00+05:30,2025-03-01T04:29:59Z,,,1",  # line 12: returned before created
         "10,1,complete,2025-03-01T10:00:00.123456789+0100,,,,1",  # line 13: fraction and offset without colon
-        "11,1,complete,2025-03-01T10:00:00,,,,1,extra",  # no: would make the file unreadable, see below
+        "11,1,complete,2025-03-01T10:00:00,,,,1,extra",  # line 14: one field too many
     ]
-    path = write(tmp_path, "orders.csv", ORDERS_HEADER + "\n".join(rows[:-1]) + "\n")
+    path = write(tmp_path, "orders.csv", ORDERS_HEADER + "\n".join(rows) + "\n")
     assert reference_rejects(path) == [
         (3, Reason.MISSING_REQUIRED),
         (4, Reason.BAD_TYPE),
@@ -253,12 +253,11 @@ def test_row_reasons_follow_the_reason_order_and_the_first_key_is_kept(tmp_path:
         (9, Reason.BAD_TYPE),
         (10, Reason.BAD_TYPE),
         (12, Reason.TIMESTAMP_ORDER),
+        (14, Reason.MALFORMED_ROW),
     ]
     valid = {row["order_id"]: row for row in check_file(path, max_invalid_share=1.0).valid}
     assert valid[1]["created_at"].day == 1  # the first occurrence of order 1 is kept
     assert str(valid[10]["created_at"]) == "2025-03-01 09:00:00.123456+00:00"
-    ragged = write(tmp_path, "orders_ragged.csv", ORDERS_HEADER + rows[-1] + "\n")
-    assert check_file(ragged).reason == Reason.UNREADABLE
 
 
 def test_money_rules_negative_before_precision(tmp_path: Path) -> None:
@@ -298,7 +297,9 @@ def test_file_level_rejections(tmp_path: Path) -> None:
     assert check_file(write(tmp_path, "customers.csv", "id\n1\n")).reason == Reason.UNKNOWN_DATASET
     latin1 = tmp_path / "products_latin1.csv"
     latin1.write_bytes((PRODUCTS_HEADER + "1,,,Caf\xe9,,,1.00,\n").encode("latin-1"))
-    assert check_file(latin1).reason == Reason.UNREADABLE
+    # its one row is not UTF-8 (a row-level bad_encoding), so all its rows are invalid
+    assert check_file(latin1).reason == Reason.TOO_MANY_INVALID
+    assert reference_rejects(latin1) == [(2, Reason.BAD_ENCODING)]
     broken = tmp_path / "products.csv.gz"
     broken.write_bytes(gzip.compress(PRODUCTS.encode())[:-10])
     assert check_file(broken).reason == Reason.UNREADABLE
@@ -333,3 +334,50 @@ def test_dataset_comes_from_incoming_segment_then_longest_file_name(tmp_path: Pa
     # A tuple names the dataset explicitly, whatever the file is called.
     path = write(tmp_path, "batch.csv", ORDERS)
     assert reference_kpis([("orders", path)])["daily"][0]["total_orders"] == 2
+
+
+# SPEC 1 and 2 as they read now: header names trimmed and case-folded; wrong field counts, bad UTF-8 and NUL bytes are
+# row-level. Line 1 header; 2 good; 3 short; 4 long; 5 blank (skipped, not a row); 6 bad byte; 7 NUL; 8 good.
+MESSY_ORDERS = (
+    b" Order_ID ,USER_ID,Status,created_at,num_of_item\n"
+    b"1,7,complete,2025-03-01T08:00:00,1\n"
+    b"2,7,complete\n"
+    b"3,7,complete,2025-03-01T08:00:00,1,extra\n"
+    b"\n"
+    b"4,7,compl\xe9te,2025-03-01T08:00:00,1\n"
+    b"5,7,complete,2025-03-01T08:00:00\x00,1\n"
+    b"6,8,shipped,2025-03-01 09:00:00,2\n"
+)
+MESSY_REJECTS = [(3, "malformed_row"), (4, "malformed_row"), (6, "bad_encoding"), (7, "bad_encoding")]
+
+
+def test_messy_rows_are_rejected_one_by_one_at_their_physical_lines(tmp_path: Path) -> None:
+    path = tmp_path / "orders.csv"
+    path.write_bytes(MESSY_ORDERS)
+    assert reference_rejects(path) == MESSY_REJECTS
+    result = check_file(path, max_invalid_share=SHARE)
+    assert result.rows == 6 and [row["order_id"] for row in result.valid] == [1, 6]
+
+
+def test_the_processor_rejects_the_messy_rows_the_reference_rejects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The reference is only worth checking against if it reads files as the processor does: same lines, same codes.
+    import csv
+    import json
+
+    from processor.tasks import main
+
+    path = tmp_path / "orders.csv"
+    path.write_bytes(MESSY_ORDERS)
+    assert main(["validate", str(path), "--staging", str(tmp_path / "st")]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    with open(result["rejects"], newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["_line"]), r["_reason"]) for r in rows] == MESSY_REJECTS
+
+
+def test_a_header_name_repeated_once_case_folded_rejects_the_file(tmp_path: Path) -> None:
+    header = "order_id,user_id,status,created_at,num_of_item,ORDER_ID\n"
+    path = write(tmp_path, "orders.csv", header + "1,7,complete,2025-03-01T08:00:00,1,1\n")
+    assert check_file(path).reason == Reason.DUPLICATE_COLUMN
