@@ -752,7 +752,8 @@ def _summary(result: GeneratedFiles) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m loadgen.generate OUT_DIR --orders N | --size-gb G [...]``: prints a JSON summary on stdout."""
+    """``python -m loadgen.generate OUT_DIR --orders N | --size-gb G [...]``: prints a short summary on stdout (the
+    whole manifest with ``--json``, or into ``--manifest FILE``)."""
     parser = argparse.ArgumentParser(
         prog="python -m loadgen.generate",
         description="Generate realistic products/orders/order_items CSV files for shopkpi.",
@@ -772,7 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bad-rows", type=int, default=0, help="invalid rows to inject")
     parser.add_argument("--bad-file", action="store_true", help="also write an orders file to be rejected whole")
     parser.add_argument("--gzip", action="store_true", help="write .csv.gz files")
-    parser.add_argument("--manifest", type=Path, default=None, help="also write the JSON summary to this file")
+    parser.add_argument(
+        "--manifest", type=Path, default=None, help="write the JSON manifest (every path, row count, fault) here"
+    )
+    parser.add_argument("--json", action="store_true", help="print the JSON manifest instead of a short summary")
     args = parser.parse_args(argv)
 
     orders: int = args.orders
@@ -797,8 +801,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(_summary(result), indent=2)
     if args.manifest is not None:
         args.manifest.write_text(text + "\n")
-    print(text)
+    print(text if args.json else _short(result, args.manifest))
     return 0
+
+
+def _short(result: GeneratedFiles, manifest: Path | None) -> str:
+    """A few lines a person reads: what was written, how fast, the faults injected, where the manifest is."""
+    rows = ", ".join(f"{n:,} {dataset}" for dataset, n in result.rows.items())
+    lines = [
+        f"wrote {len(result.paths)} files ({rows} rows, {result.csv_bytes / 1e6:,.1f} MB of CSV) "
+        f"in {result.seconds:.1f} s",
+    ]
+    if result.bad_rows or result.bad_file:
+        whole = f", and {result.bad_file} to be rejected whole ({result.bad_file_reason})" if result.bad_file else ""
+        lines.append(f"faults: {len(result.bad_rows)} bad rows{whole}")
+    lines.append(
+        (f"manifest (every path and fault): {manifest}" if manifest else "--manifest FILE writes every path and fault")
+        + "; --json prints it here"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -140,9 +140,10 @@ def _check(
         for area in ("archive", "rejected")
     }
     outcomes: Counter[str] = Counter()
-    for delivery, item in {x.file_id: (d, x) for d, x in zip(deliveries, landed, strict=True)}.values():
-        record = operations.record(op, item)
-        outcome = (record.outcome if record is not None else None) or "none"
+    distinct = {x.file_id: (d, x) for d, x in zip(deliveries, landed, strict=True)}
+    results = operations.outcomes(op, [x for _, x in distinct.values()])
+    for (delivery, item), result in zip(distinct.values(), results, strict=True):
+        outcome = "none" if result.record is None else result.outcome
         outcomes[outcome] += 1
         if outcome != delivery.expected:
             report.failures.append(f"{item.key} ({delivery.kind}): ledger says {outcome}, expected {delivery.expected}")

@@ -1,7 +1,7 @@
 """The steps of ``shopkpi demo`` that touch the stack, with no output of their own (the command, with its progress
-bars and tables, is ``shopkpi/demo.py``): land files at random moments as producers would, count the files that have
-an outcome, measure the latency from landing to KPIs visible, and check the stored KPIs against a one-process
-recomputation of the same files (``shopkpi process``'s code).
+and tables, is ``shopkpi/demo.py``): land files at random moments as producers would, measure the latency from
+landing to KPIs visible, and check the stored KPIs against a one-process recomputation of the same files
+(``shopkpi process``'s code).
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ from processor.settings import Settings
 
 
 def land_at_random(
-    op: operations.Stack, files: Sequence[Path], rng: random.Random, on_landed: Callable[[], None]
+    op: operations.Stack,
+    files: Sequence[Path],
+    rng: random.Random,
+    on_landed: Callable[[operations.Landed], None],
 ) -> tuple[list[operations.Landed], dict[str, float]]:
-    """Upload the files one by one, in the order given, after a random pause of up to 1.5 s each; return what
-    landed and when (epoch seconds by file id)."""
+    """Upload the files one by one, in the order given, after a random pause of up to 1.5 s each, telling
+    ``on_landed`` of each; return what landed and when (epoch seconds by file id)."""
     landed: list[operations.Landed] = []
     landed_at: dict[str, float] = {}
     for path in files:
@@ -32,13 +35,8 @@ def land_at_random(
         item = operations.ingest(op, [path])[0]
         landed.append(item)
         landed_at[item.file_id] = time.time()
-        on_landed()
+        on_landed(item)
     return landed, landed_at
-
-
-def with_outcome(op: operations.Stack, landed: Sequence[operations.Landed]) -> int:
-    """How many of the landed files have an outcome in the ledger."""
-    return sum(op.ledger.get_file(f.file_id) is not None for f in landed)
 
 
 def recomputation_matches(

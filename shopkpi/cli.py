@@ -202,11 +202,11 @@ def cmd_local_up(args: argparse.Namespace, settings: Settings) -> ExitCode:
 
 @command("ingest", help="upload files or directories to incoming/ as a producer would")
 @arg("paths", nargs="+", metavar="PATH", help="files or directories (read recursively) to upload")
-@arg("--wait", action="store_true", help="block until processed; print each file's outcome")
+@arg("--wait", action="store_true", help="block until processed, with progress on stderr; print each file's outcome")
 @_timeout("with --wait: " + _TIMEOUT)
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from orchestration import operations
-    from shopkpi.render import print_failed_executions, print_outcomes
+    from shopkpi.render import WaitProgress, print_failed_executions, print_outcomes
 
     if _missing(args.paths):
         return ExitCode.USAGE  # before connecting, so nothing is uploaded
@@ -215,7 +215,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> ExitCode:
     print(f"uploaded {len(landed)} files to s3://{stack.outputs.bucket}/incoming/", file=sys.stderr)
     if not args.wait:
         return ExitCode.OK
-    done = operations.wait(stack, args.timeout, landed)
+    with WaitProgress("waiting for the pipeline") as progress:
+        done = operations.wait(stack, args.timeout, landed, on_status=progress)
     results = operations.outcomes(stack, landed)
     print_outcomes(results)
     # A file can be accepted while its execution failed later (the merge, after its retries): say so.
@@ -224,9 +225,9 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> ExitCode:
     if not done:
         print(f"timed out after {args.timeout:.0f} s", file=sys.stderr)
         return ExitCode.TIMED_OUT
-    if failed or any(r.get("outcome") not in ("accepted", "rejected") for r in results):
+    if failed or any(r.outcome not in ("accepted", "rejected") for r in results):
         return ExitCode.FAILED
-    return ExitCode.OK if all(r.get("outcome") == "accepted" for r in results) else ExitCode.REJECTED
+    return ExitCode.OK if all(r.outcome == "accepted" for r in results) else ExitCode.REJECTED
 
 
 @command("wait", help="block until no event is queued and no execution runs")
@@ -318,22 +319,32 @@ def _why_empty(stack: Any, args: argparse.Namespace) -> tuple[str | None, ExitCo
 @command("reprocess", help="recompute the KPIs of a date range through the same workflow")
 @arg("--from", dest="date_from", type=_date, metavar="DATE", required=True, help=_FROM)
 @arg("--to", dest="date_to", type=_date, metavar="DATE", required=True, help=_TO)
-@arg("--wait", action="store_true", help="block until done; exit 5 if the execution failed")
+@arg(
+    "--wait",
+    action="store_true",
+    help="block until done, with progress on stderr; print what changed (KPI items rewritten, added, removed); "
+    "exit 5 if the execution failed",
+)
 @_timeout("with --wait: " + _TIMEOUT)
 def cmd_reprocess(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from orchestration import operations
+    from shopkpi.render import WaitProgress, print_reprocess
 
     stack = _stack(settings)
+    # The range as it stands before the execution starts: what it changed is the difference at the end.
+    before = operations.snapshot(stack, args.date_from, args.date_to) if args.wait else None
     arn = operations.reprocess(stack, args.date_from, args.date_to)
-    print(arn)
-    if args.wait and not operations.wait(stack, args.timeout):
+    print(arn, flush=True)
+    if before is None:
+        return ExitCode.OK
+    with WaitProgress(f"reprocessing {args.date_from}..{args.date_to}") as progress:
+        done = operations.wait(stack, args.timeout, on_status=progress)
+    if not done:
         print(f"still busy after {args.timeout:.0f} s", file=sys.stderr)
         return ExitCode.TIMED_OUT
-    if args.wait:
-        status = stack.workflow.describe(arn)["status"]
-        print(f"reprocessing {status.lower()}", file=sys.stderr)
-        return ExitCode.OK if status == "SUCCEEDED" else ExitCode.FAILED
-    return ExitCode.OK
+    result = operations.reprocess_result(stack, arn, before, args.date_from, args.date_to)
+    print_reprocess(result)
+    return ExitCode.OK if result.status == "SUCCEEDED" else ExitCode.FAILED
 
 
 _LIST = options(
@@ -342,7 +353,7 @@ _LIST = options(
 )
 
 
-@command("runs", help="recent executions and file outcomes")
+@command("runs", help="recent executions (duration, files by outcome, merge) and file outcomes")
 @_LIST
 def cmd_runs(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from orchestration import operations
@@ -357,11 +368,11 @@ def cmd_runs(args: argparse.Namespace, settings: Settings) -> ExitCode:
     return ExitCode.OK
 
 
-@command("rejects", help="rejected files and their rows by reason")
+@command("rejects", help="files with rejected rows: reasons, messages, and where the rows are kept")
 @_LIST
 def cmd_rejects(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from orchestration import operations
-    from shopkpi.render import print_ledger
+    from shopkpi.render import print_rejects
 
     stack = _stack(settings)
     files = operations.rejects(stack, args.limit)
@@ -369,7 +380,7 @@ def cmd_rejects(args: argparse.Namespace, settings: Settings) -> ExitCode:
     if args.json:
         _print_json(files)  # the list tools already read; merge rejects are in the head (docs/storage.md)
         return ExitCode.OK
-    print_ledger(files, "Rejected files")
+    print_rejects(files)
     if late["user_mismatch"] or late["rows"]:
         print(f"rejected at merge time: {late['user_mismatch']} items whose user_id differs from their order's")
         print("their rows, with file, line, rule and values: " + ", ".join(late["rows"]))
@@ -380,6 +391,7 @@ def cmd_rejects(args: argparse.Namespace, settings: Settings) -> ExitCode:
 @_port(8050)
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from orchestration import operations
+    from shopkpi import health
     from shopkpi.dashboard import make_server
 
     stack = _stack(settings)
@@ -388,6 +400,7 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> ExitCode:
         args.port,
         lambda f, t: operations.daily(stack, f, t),
         lambda c, f, t: operations.category(stack, c, f, t),
+        health=lambda: health.snapshot(stack),
     )
     print(f"shopkpi dashboard on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
     try:

@@ -13,21 +13,23 @@ from __future__ import annotations
 import random
 import statistics
 import tempfile
-import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from loadgen.generate import generate
 from orchestration import demo, operations
 from orchestration.local.stack import EmbeddedStack
+from processor.model import OrderKpi
 from processor.settings import Settings
 from shopkpi.cli import ExitCode
-from shopkpi.render import print_category, print_daily, print_outcomes
+from shopkpi.render import WaitProgress, print_category, print_daily, print_outcomes
 
 console = Console(stderr=False)
+#: Spinners and progress go to stderr: stdout holds the demo's answer (tables and the run summary).
+stderr = Console(stderr=True)
 
 
 def run_demo(settings: Settings, *, orders: int = 60_000, port: int = 0, keep: bool = False, seed: int = 7) -> ExitCode:
@@ -35,7 +37,7 @@ def run_demo(settings: Settings, *, orders: int = 60_000, port: int = 0, keep: b
     with tempfile.TemporaryDirectory(prefix="shopkpi-demo-") as tmp:
         root = Path(tmp)
         local = Settings.load(env={}, stack=settings.stack, work_dir=root / "work")
-        with console.status("starting the embedded AWS stack (moto) and deploying infra/template.yaml ..."):
+        with stderr.status("starting the embedded AWS stack (moto) and deploying infra/template.yaml ..."):
             stack = EmbeddedStack(local, port=port, work_dir=root / "local").start()
         try:
             return _demo(stack, root, orders, seed, started, keep)
@@ -55,13 +57,7 @@ def _demo(stack: EmbeddedStack, root: Path, orders: int, seed: int, started: flo
     assert stack.outputs
     console.print(f"[bold]embedded stack up[/] at {stack.endpoint} ({time.monotonic() - started:.1f} s)")
     data = root / "data"
-    with console.status(f"generating a shop of {orders:,} orders over 30 days ..."):
-        gen = generate(data, orders=orders, days=30, parts=6, seed=seed, bad_rows=12, bad_file=True)
-    files = list(gen.paths)
-    console.print(
-        f"generated {len(files)} files, {sum(gen.rows.values()):,} rows, {gen.csv_bytes / 1e6:.1f} MB, "
-        f"{len(gen.bad_rows)} bad rows and 1 bad file"
-    )
+    files = _generate(data, orders, seed)
     op = operations.Stack(stack.settings, stack.clients, stack.outputs)  # type: ignore[arg-type]
     rng = random.Random(seed)
     rng.shuffle(files)  # any arrival order: items before their orders and products, parts out of order
@@ -69,29 +65,18 @@ def _demo(stack: EmbeddedStack, root: Path, orders: int, seed: int, started: flo
     if not finished:
         console.print("[red]the pipeline did not finish within 10 minutes[/]")
         return ExitCode.TIMED_OUT
-
     results = operations.outcomes(op, landed)
     print_outcomes(results)
-    daily = operations.daily(op, None, None)
-    print_daily(daily)
-    category = operations.category(op, None, daily[0].order_date, daily[0].order_date) if daily else []
-    console.print(
-        f"(category KPIs of {daily[0].order_date if daily else '-'} shown; "
-        "`shopkpi kpis category --from D --to D` for any range)"
-    )
-    print_category(category)
-
+    daily = _show_kpis(op)
+    sources = [data / Path(f.key).name for f in landed]
+    exact, stored = demo.recomputation_matches(op, daily, sources, root / "check", stack.settings)
     executions = op.workflow.executions(limit=100)
     latency = demo.latencies(op, landed, landed_at, executions)
-    sources = [data / Path(f.key).name for f in landed]
-    exact, stored_all = demo.recomputation_matches(op, daily, sources, root / "check", stack.settings)
-    by_status: dict[str, int] = {}
-    for e in executions:
-        by_status[e["status"]] = by_status.get(e["status"], 0) + 1
-    accepted = sum(r.get("outcome") == "accepted" for r in results)
+    accepted = sum(r.outcome == "accepted" for r in results)
+    by_status = dict(Counter(str(e["status"]) for e in executions))
     console.print(
         f"\n[bold]run summary[/]: {len(files)} files ({accepted} accepted, {len(files) - accepted} rejected), "
-        f"{len(executions)} executions {by_status}, {len(daily)} days and {len(stored_all)} category-days in "
+        f"{len(executions)} executions {by_status}, {len(daily)} days and {len(stored)} category-days in "
         f"DynamoDB.\nlatency from landing to KPIs visible: p50 {statistics.median(latency):.1f} s, "
         f"max {max(latency):.1f} s. wall time {time.monotonic() - started:.1f} s.\n"
         f"DynamoDB equals a one-process recomputation of the same files: "
@@ -105,33 +90,39 @@ def _demo(stack: EmbeddedStack, root: Path, orders: int, seed: int, started: flo
     return ExitCode.OK if exact else ExitCode.NOT_EXACT
 
 
+def _generate(data: Path, orders: int, seed: int) -> list[Path]:
+    """A shop of ``orders`` orders over 30 days, in parts, with a few bad rows and one bad file."""
+    with stderr.status(f"generating a shop of {orders:,} orders over 30 days ..."):
+        gen = generate(data, orders=orders, days=30, parts=6, seed=seed, bad_rows=12, bad_file=True)
+    console.print(
+        f"generated {len(gen.paths)} files, {sum(gen.rows.values()):,} rows, {gen.csv_bytes / 1e6:.1f} MB, "
+        f"{len(gen.bad_rows)} bad rows and 1 bad file"
+    )
+    return list(gen.paths)
+
+
+def _show_kpis(op: operations.Stack) -> list[OrderKpi]:
+    """Print the daily KPIs and the first day's category KPIs; the daily KPIs."""
+    daily = operations.daily(op, None, None)
+    print_daily(daily)
+    first = daily[0].order_date if daily else None
+    print_category(operations.category(op, None, first, first) if first else [])
+    console.print(f"(category KPIs of {first or '-'} shown; `shopkpi kpis category --from D --to D` for any range)")
+    return daily
+
+
 def _land_and_wait(
     op: operations.Stack, files: list[Path], rng: random.Random
 ) -> tuple[bool, list[operations.Landed], dict[str, float]]:
-    """Land the files at random moments and wait for the pipeline (at most 10 minutes), with progress bars."""
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("landing files in s3://.../incoming/ at random moments", total=len(files))
-        landed, landed_at = demo.land_at_random(op, files, rng, lambda: progress.advance(task))
-        wait = progress.add_task(
-            "waiting for the pipeline (trigger -> Step Functions -> ECS tasks -> DynamoDB)", total=len(files)
-        )
-        done = threading.Event()
+    """Land the files at random moments and wait for the pipeline (at most 10 minutes), with progress on stderr:
+    files landed, validated and merged, while they land and after."""
+    watch = operations.Watch(op, expected=len(files))
+    with WaitProgress("demo: trigger -> Step Functions -> ECS tasks -> DynamoDB") as progress:
 
-        def watch() -> None:
-            while not done.is_set():
-                progress.update(wait, completed=demo.with_outcome(op, landed))
-                time.sleep(1)
+        def landed(item: operations.Landed) -> None:
+            watch.add(item)
+            progress(watch.poll())
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        finished = operations.wait(op, timeout_s=600, files=landed)
-        done.set()
-        watcher.join()
-        progress.update(wait, completed=len(files))
-    return finished, landed, landed_at
+        items, landed_at = demo.land_at_random(op, files, rng, landed)
+        finished = watch.until_idle(600, on_status=progress)
+    return finished, items, landed_at

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TextIO
 
-import msgspec
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 
 if TYPE_CHECKING:
+    from orchestration.operations import ExecutionRun, FileOutcome, ReprocessResult, WaitStatus
     from processor.aws.dynamo import FileRecord
 
 # Piped into a file or another tool, a table keeps its full width: rich's default of 80 columns would cut cells
@@ -117,12 +119,6 @@ def print_category(category: Sequence[CategoryKpi]) -> None:
     console.print(c)
 
 
-def _record(row: FileRecord | Mapping[str, Any]) -> FileRecord:
-    from processor.aws.dynamo import FileRecord  # the AWS adapter only for the commands that read the ledger
-
-    return row if isinstance(row, FileRecord) else msgspec.convert(row, FileRecord)
-
-
 def _file_cells(f: FileRecord) -> tuple[str, str, str]:
     """A ledger record's rows, rejected rows and reasons (its failure's error code when it failed)."""
     rows = "" if f.rows is None else str(f.rows)
@@ -130,16 +126,17 @@ def _file_cells(f: FileRecord) -> tuple[str, str, str]:
     return rows, rejected, _reasons(f.reason or f.error_code, f.rejects_by_reason)
 
 
-def print_outcomes(results: Sequence[Mapping[str, Any]]) -> None:
-    """The rows of ``ingest --wait`` (:func:`orchestration.operations.outcomes`): each landed ``file`` with the fields
-    of its ledger record."""
+def print_outcomes(results: Sequence[FileOutcome]) -> None:
+    """The rows of ``ingest --wait`` (:func:`orchestration.operations.outcomes`): each landed file with its ledger
+    record's outcome, rows and reasons."""
+    from processor.aws.dynamo import FileRecord
+
     t = Table(title="File outcomes", title_justify="left")
     for col in ("file", "outcome", "rows", "rejected", "reason"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
     for r in results:
-        f = _record(r)
-        style = "red" if f.outcome != "accepted" else None
-        _add_row(t, str(r["file"]), str(f.outcome), *_file_cells(f), style=style)
+        style = "red" if r.outcome != "accepted" else None
+        _add_row(t, r.file, r.outcome, *_file_cells(r.record or FileRecord()), style=style)
     console.print(t)
 
 
@@ -158,23 +155,160 @@ def print_failed_executions(failed: Sequence[dict[str, Any]]) -> None:
     console.print(t)
 
 
-def print_executions(executions: Sequence[dict[str, Any]]) -> None:
+def _blank(value: object | None) -> str:
+    return "" if value is None else str(value)
+
+
+def print_executions(executions: Sequence[ExecutionRun]) -> None:
+    """``runs``: each execution's times, duration, files by outcome and what its merge applied."""
     t = Table(title="Recent executions", title_justify="left")
-    for col in ("name", "status", "started", "stopped"):
-        t.add_column(col)
+    for col in ("name", "status", "started", "stopped", "seconds", "accepted", "rejected", "failed", "merged", "dates"):
+        t.add_column(col, justify="left" if col in ("name", "status", "started", "stopped") else "right")
     for e in executions:
-        _add_row(t, e["name"], e["status"], e.get("startDate", ""), e.get("stopDate", ""))
+        style = "red" if e.status not in ("SUCCEEDED", "RUNNING") else None
+        _add_row(
+            t,
+            e.name,
+            e.status,
+            (e.started_at or "")[:19],
+            (e.stopped_at or "")[:19],
+            "" if e.seconds is None else f"{e.seconds:.1f}",
+            e.accepted,
+            e.rejected,
+            e.failed,
+            _blank(e.files_merged),
+            _blank(e.dates),
+            style=style,
+        )
     console.print(t)
 
 
-def print_ledger(files: Sequence[FileRecord | Mapping[str, Any]], title: str) -> None:
+def print_ledger(files: Sequence[FileRecord], title: str) -> None:
     t = Table(title=title, title_justify="left")
     for col in ("updated", "source", "dataset", "outcome", "rows", "rejected", "reasons"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
-    for f in map(_record, files):
+    for f in files:
         source = (f.source or "").rsplit("/", 1)[-1]
         _add_row(t, (f.updated_at or "")[:19], source, str(f.dataset), str(f.outcome), *_file_cells(f))
     console.print(t)
+
+
+def print_rejects(files: Sequence[FileRecord]) -> None:
+    """``rejects``: each file with rejected rows (rejected whole, failed, or accepted without some rows), its rows
+    by reason code, its file-level message, and where its rejected rows and its report are kept."""
+    t = Table(title="Files with rejected rows", title_justify="left")
+    for col in ("updated", "source", "outcome", "rows", "rejected", "reasons", "message", "rejected rows", "report"):
+        numeric = col in ("rows", "rejected")
+        t.add_column(col, justify="right" if numeric else "left", overflow="fold")
+    for f in files:
+        source = (f.source or "").rsplit("/", 1)[-1]
+        rows, rejected, reasons = _file_cells(f)
+        # A whole file's reason code is its own cell; its rows by reason follow it.
+        by_reason = _counts(f.rejects_by_reason or {})
+        reasons = f"{reasons}: {by_reason}" if by_reason and reasons != by_reason else reasons
+        message = f.message or f.error_detail or ""
+        style = None if f.outcome == "accepted" else "red"
+        _add_row(
+            t,
+            (f.updated_at or "")[:19],
+            source,
+            str(f.outcome),
+            rows,
+            rejected,
+            reasons,
+            message,
+            _blank(f.rejects),
+            _blank(f.report),
+            style=style,
+        )
+    console.print(t)
+
+
+def print_reprocess(result: ReprocessResult) -> None:
+    """What a reprocess changed: its status and duration, then the KPI items it rewrote, added and removed."""
+    c = result.changes
+    took = "" if result.seconds is None else f" in {result.seconds:.1f} s"
+    merged = "" if result.files_merged is None else f"; its merge also applied {result.files_merged} new files"
+    console.print(literal(f"reprocess {result.execution}: {result.status.lower()}{took}{merged}"))
+    if not c.changed:
+        console.print(literal(f"nothing changed: the {c.unchanged} KPI items of the range already held these values"))
+        return
+    t = Table(title="KPI items changed", title_justify="left")
+    for col in ("table", "rewritten", "added", "removed"):
+        t.add_column(col, justify="left" if col == "table" else "right")
+    for name, moved in (("order KPIs (per day)", c.daily), ("category KPIs (per day)", c.category)):
+        _add_row(t, name, moved.rewritten, moved.added, moved.removed)
+    console.print(t)
+    shown = ", ".join(c.dates[:10]) + (f" (+{len(c.dates) - 10} more)" if len(c.dates) > 10 else "")
+    console.print(literal(f"{len(c.dates)} dates changed: {shown}; {c.unchanged} items unchanged"))
+
+
+class WaitProgress:
+    """Shows the polls of a wait (:class:`~orchestration.operations.WaitStatus`) on stderr, never on stdout, which
+    holds the answer (perhaps ``--json``). On a terminal, a live display: files landed, validated and merged, the
+    executions running and the time elapsed. Elsewhere (a CI log, a pipe), one plain line every ``every_s`` seconds
+    of the wait and one at the end: a log shows life without a line per poll."""
+
+    def __init__(self, what: str, *, stream: TextIO | None = None, every_s: float = 5.0) -> None:
+        self.what = what
+        self.stream = stream if stream is not None else sys.stderr
+        self.every_s = every_s
+        self._next_s = 0.0
+        self._last: WaitStatus | None = None
+        self._shown = True  # the last status was printed (the plain mode prints the end only if not)
+        self._progress: Progress | None = None
+        self._rows: dict[str, TaskID] = {}
+
+    def __enter__(self) -> WaitProgress:
+        if self.stream.isatty():
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=Console(file=self.stream),
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        elif self._last is not None and not self._shown:
+            self._line(self._last)
+
+    def __call__(self, status: WaitStatus) -> None:
+        self._last = status
+        if self._progress is not None:
+            self._update(self._progress, status)
+            return
+        self._shown = status.elapsed_s >= self._next_s
+        if self._shown:
+            self._line(status)
+            self._next_s = (status.elapsed_s // self.every_s + 1) * self.every_s
+
+    def _line(self, s: WaitStatus) -> None:
+        files = f"{s.landed}/{s.files} files landed, {s.validated} validated, {s.merged} merged; " if s.files else ""
+        print(
+            f"{self.what}: {s.elapsed_s:.0f} s, {files}{s.running} executions running, {s.queued} events queued",
+            file=self.stream,
+            flush=True,
+        )
+
+    def _update(self, progress: Progress, s: WaitStatus) -> None:
+        rows: dict[str, tuple[str, int, int | None]] = {
+            "pipeline": (f"{self.what}: {s.running} executions running, {s.queued} events queued", 0, None)
+        }
+        if s.files:
+            rows |= {
+                "landed": ("files landed in incoming/", s.landed, s.files),
+                "validated": ("validated (accepted, rejected or failed)", s.validated, s.files),
+                "merged": ("merged (their KPIs published)", s.merged, s.files),
+            }
+        for key, (description, done, total) in rows.items():
+            if key not in self._rows:
+                self._rows[key] = progress.add_task(description, total=total)
+            progress.update(self._rows[key], description=description, completed=done, total=total)
 
 
 def category_hint(asked: str, known: Sequence[str], shown: int = 20) -> str:

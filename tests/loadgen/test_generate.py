@@ -259,7 +259,7 @@ def test_estimate_orders_reaches_about_the_requested_size(tmp_path: Path) -> Non
 def test_cli_writes_the_files_and_prints_a_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = tmp_path / "manifest.json"
     args = [str(tmp_path / "out"), "--orders", "200", "--parts", "2", "--bad-rows", "3", "--bad-file", "--gzip"]
-    code = main([*args, "--seed", "9", "--manifest", str(manifest)])
+    code = main([*args, "--seed", "9", "--manifest", str(manifest), "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary == json.loads(manifest.read_text())

@@ -6,23 +6,29 @@ from __future__ import annotations
 import argparse
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
 import boto3
+import msgspec
 import orjson
 import pytest
 
 from orchestration import operations
 from orchestration.local.stack import check_port_free
-from processor.aws.dynamo import KpiTables, create_tables
+from processor import tasks
+from processor.aws import make_clients
+from processor.aws.cloudformation import StackOutputs
+from processor.aws.dynamo import FileRecord, KpiTables, create_tables
 from processor.errors import ConfigError
 from processor.model import CategoryKpi, OrderKpi
+from processor.settings import Settings
 from shopkpi import cli
 from shopkpi.cli import build_parser, main
-from tests.builders import WriteCsv, order
+from tests.builders import WriteCsv, item, order, product
+from tests.conftest import TASK_BUCKET
 
 
 def one_line(text: str) -> str:
@@ -378,6 +384,18 @@ def stub_stack(monkeypatch: pytest.MonkeyPatch, **attributes: object) -> SimpleN
     return stack
 
 
+def outcome(f: operations.Landed, name: str) -> operations.FileOutcome:
+    return operations.FileOutcome(
+        file=f.key, file_id=f.file_id, record=None if name == "unknown" else FileRecord(outcome=name)
+    )
+
+
+def status(elapsed_s: float, validated: int = 0) -> operations.WaitStatus:
+    return operations.WaitStatus(
+        elapsed_s=elapsed_s, files=2, landed=2, validated=validated, merged=0, running=1, queued=0
+    )
+
+
 @pytest.mark.parametrize(
     ("done", "outcomes", "failed", "expected"),
     [
@@ -404,8 +422,8 @@ def test_ingest_wait_exits_with_the_worst_outcome(
     stub_stack(monkeypatch)
     landed = [operations.Landed(p, f"incoming/x/{p.name}", f"id-{p.name}") for p in paths]
     monkeypatch.setattr(operations, "ingest", lambda stack, given: landed if given == paths else [])
-    monkeypatch.setattr(operations, "wait", lambda stack, timeout, files: done)
-    results = [{"file": f.key, "outcome": o} for f, o in zip(landed, outcomes, strict=True)]
+    monkeypatch.setattr(operations, "wait", lambda stack, timeout, files, on_status: done)
+    results = [outcome(f, o) for f, o in zip(landed, outcomes, strict=True)]
     monkeypatch.setattr(operations, "outcomes", lambda stack, files: results)
     monkeypatch.setattr(operations, "failed_executions", lambda stack, records: failed)
     assert main(["ingest", *map(str, paths), "--wait", "--timeout", "7"]) == expected
@@ -416,6 +434,33 @@ def test_ingest_wait_exits_with_the_worst_outcome(
     assert ("batch-1" in out.out) == bool(failed)
 
 
+def test_ingest_wait_shows_progress_on_stderr_every_few_seconds_when_not_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "orders.csv"
+    path.write_text("x\n")
+    stub_stack(monkeypatch)
+    landed = [operations.Landed(path, "incoming/orders/orders.csv", "1")]
+    monkeypatch.setattr(operations, "ingest", lambda stack, given: landed)
+
+    def wait(stack: object, timeout: float, files: object, on_status: operations.OnStatus) -> bool:
+        for elapsed in (0.0, 0.5, 1.0, 5.2, 5.7, 10.1, 11.0):  # polls: a line at 0, 5 and 10 s, and the last one
+            on_status(status(elapsed, validated=int(elapsed > 5)))
+        return True
+
+    monkeypatch.setattr(operations, "wait", wait)
+    monkeypatch.setattr(operations, "outcomes", lambda stack, files: [outcome(landed[0], "accepted")])
+    monkeypatch.setattr(operations, "failed_executions", lambda stack, records: [])
+    assert main(["ingest", str(path), "--wait"]) == cli.ExitCode.OK
+    out = capsys.readouterr()
+    lines = [x for x in out.err.splitlines() if x.startswith("waiting for the pipeline")]
+    assert [x.split(": ")[1].split(",")[0] for x in lines] == ["0 s", "5 s", "10 s", "11 s"]
+    assert lines[-1] == (
+        "waiting for the pipeline: 11 s, 2/2 files landed, 1 validated, 0 merged; 1 executions running, 0 events queued"
+    )
+    assert "waiting" not in out.out and "File outcomes" in out.out
+
+
 def test_ingest_without_wait_only_uploads(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -423,7 +468,7 @@ def test_ingest_without_wait_only_uploads(
     path.write_text("x\n")
     stub_stack(monkeypatch)
     monkeypatch.setattr(operations, "ingest", lambda stack, paths: [operations.Landed(path, "incoming/o", "1")])
-    monkeypatch.setattr(operations, "wait", lambda *a: pytest.fail("waited without --wait"))
+    monkeypatch.setattr(operations, "wait", lambda *a, **k: pytest.fail("waited without --wait"))
     assert main(["ingest", str(path)]) == cli.ExitCode.OK
     assert capsys.readouterr().err == "uploaded 1 files to s3://landing/incoming/\n"
 
@@ -438,67 +483,248 @@ def test_wait(
     assert capsys.readouterr().err == ("" if idle else "still busy after 5 s\n")
 
 
-@pytest.mark.parametrize(
-    ("argv", "idle", "status", "expected"),
-    [
-        ([], True, "RUNNING", cli.ExitCode.OK),
-        (["--wait"], True, "SUCCEEDED", cli.ExitCode.OK),
-        (["--wait"], True, "FAILED", cli.ExitCode.FAILED),
-        (["--wait"], False, "RUNNING", cli.ExitCode.TIMED_OUT),
-    ],
-    ids=["started", "succeeded", "failed", "timed-out"],
-)
-def test_reprocess(
+# --- runs, rejects and reprocess against moto: files validated and merged by the real tasks -----------------------
+@pytest.fixture
+def pipeline(task_stack: Settings, monkeypatch: pytest.MonkeyPatch) -> operations.Stack:
+    """The stack the CLI reads, on moto: the tasks' bucket and tables, a state machine whose executions stand for
+    the workflow's, and the buffer queue."""
+    clients = make_clients(task_stack)
+    machine = clients.stepfunctions.create_state_machine(
+        name="cli",
+        definition='{"StartAt": "P", "States": {"P": {"Type": "Pass", "End": true}}}',
+        roleArn="arn:aws:iam::123456789012:role/cli",
+    )["stateMachineArn"]
+    assert task_stack.order_table and task_stack.category_table and task_stack.ledger_table
+    outputs = StackOutputs(
+        bucket=TASK_BUCKET,
+        order_table=task_stack.order_table,
+        category_table=task_stack.category_table,
+        ledger_table=task_stack.ledger_table,
+        state_machine_arn=machine,
+        buffer_queue_url=clients.sqs.create_queue(QueueName="buffer")["QueueUrl"],
+        buffer_dlq_url="",
+        workflow_dlq_url="",
+        alert_topic_arn="",
+        cluster_arn="",
+        task_family="",
+    )
+    stack = operations.Stack(task_stack, clients, outputs)
+    monkeypatch.setattr(cli, "_stack", lambda settings: stack)
+    return stack
+
+
+def end(stack: operations.Stack, arn: str, status: str) -> None:
+    """End a moto execution with ``status`` (moto's executions only run when stopped, as ABORTED)."""
+    from moto.stepfunctions.models import stepfunctions_backends
+
+    stack.clients.stepfunctions.stop_execution(executionArn=arn)
+    backend = stepfunctions_backends["123456789012"]["us-east-1"]
+    machine = backend._get_state_machine_for_execution(arn)
+    next(e for e in machine.executions if e.execution_arn == arn).status = status
+
+
+def run_tasks(
+    stack: operations.Stack,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    argv: list[str],
-    idle: bool,
-    status: str,
-    expected: cli.ExitCode,
+    execution: str,
+    files: Sequence[Path],
+    *merge_range: str,
+) -> str:
+    """One execution as the workflow runs it: each file landed, validated, transformed or quarantined, then the
+    merge (of ``merge_range``, when given, as a reprocess does); its ARN. The tasks' output is discarded."""
+    arn = stack.clients.stepfunctions.start_execution(stateMachineArn=stack.outputs.state_machine_arn, name=execution)[
+        "executionArn"
+    ]
+    monkeypatch.setenv("SHOPKPI_EXECUTION_ID", arn.rsplit(":", 1)[-1])
+    for path in files:
+        key = f"incoming/{path.stem.split('_part')[0]}/{path.name}"
+        stack.s3.upload(path, key)
+        assert tasks.main(["validate", stack.s3.uri(key)]) == 0
+        result = [orjson.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1]
+        step = "transform" if result["outcome"] == "accepted" else "quarantine"
+        assert tasks.main([step, result["file_id"]]) == 0
+    merge = ["--from", merge_range[0], "--to", merge_range[1]] if merge_range else []
+    assert tasks.main(["merge", *merge]) == 0
+    capsys.readouterr()
+    return str(arn)
+
+
+def shop(write_csv: WriteCsv) -> list[Path]:
+    """Products, 30 orders of which one has an unknown status (rejected, the file accepted without it), order
+    items, and an orders file missing a column (rejected whole)."""
+    orders = [order(i, 100 + i, "2025-03-01T08:00:00") for i in range(1, 30)]
+    orders.append(order(30, 130, "2025-03-02T08:00:00", status="lost"))
+    bad = write_csv("orders_bad.csv", [order(99, 1, "2025-03-01T08:00:00")])
+    bad.write_text("\n".join(line.rsplit(",", 1)[0] for line in bad.read_text().splitlines()) + "\n")
+    return [
+        write_csv("products.csv", [product(1, "Books")]),
+        write_csv("orders_part1.csv", orders),
+        write_csv("order_items.csv", [item(i, i, 100 + i, 1, "10.00") for i in range(1, 30)]),
+        bad,
+    ]
+
+
+def test_rejects_lists_rows_rejected_inside_accepted_files_with_where_they_are_kept(
+    pipeline: operations.Stack,
+    write_csv: WriteCsv,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    started: list[object] = []
+    run_tasks(pipeline, monkeypatch, capsys, "batch-1", shop(write_csv))
+    assert main(["rejects", "--json"]) == cli.ExitCode.OK
+    listed = {Path(f["source"]).name: f for f in orjson.loads(capsys.readouterr().out)}
+    assert set(listed) == {"orders_part1.csv", "orders_bad.csv"}  # the clean files are not listed
+    partly = listed["orders_part1.csv"]
+    assert partly["outcome"] == "accepted" and partly["rows"] == 30 and partly["rejected_rows"] == 1
+    assert partly["rejects_by_reason"] == {"unknown_status": 1}
+    whole = listed["orders_bad.csv"]
+    assert whole["outcome"] == "rejected" and whole["reason"] == "missing_column" and "message" in whole
+    for f in (partly, whole):
+        assert f["report"] == f"s3://{TASK_BUCKET}/reports/{f['file_id']}/report.json"
+        assert pipeline.s3.exists(f["report"].split("/", 3)[3])
+    rows_key = partly["rejects"].split("/", 3)[3]
+    kept = pipeline.s3.get_bytes(rows_key).decode()
+    assert "lost" in kept and "unknown_status" in kept  # the rejected row itself, with its reason
 
-    def start(payload: object, name_hint: str) -> str:
-        started.append(payload)
-        return "arn:reprocess-1"
+    assert main(["rejects"]) == cli.ExitCode.OK
+    table = capsys.readouterr().out
+    assert "Files with rejected rows" in table and "unknown_status=1" in table
+    assert partly["rejects"] in table and whole["report"] in table and whole["message"][:30] in table
 
-    stub_stack(monkeypatch, workflow=SimpleNamespace(start=start, describe=lambda arn: {"status": status}))
-    monkeypatch.setattr(operations, "wait", lambda stack, timeout: idle)
-    assert main(["reprocess", "--from", "2025-03-01", "--to", "2025-03-02", *argv]) == expected
-    assert started == [{"reprocess": {"from": "2025-03-01", "to": "2025-03-02"}}]
+
+def test_runs_show_each_executions_duration_and_files_by_outcome(
+    pipeline: operations.Stack,
+    write_csv: WriteCsv,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    files = shop(write_csv)
+    first = run_tasks(pipeline, monkeypatch, capsys, "batch-1", files[:2])
+    end(pipeline, first, "SUCCEEDED")
+    run_tasks(pipeline, monkeypatch, capsys, "batch-2", files[2:])  # still running
+    assert main(["runs", "--json"]) == cli.ExitCode.OK
+    data = orjson.loads(capsys.readouterr().out)
+    runs = {r["name"]: r for r in data["executions"]}
+    assert (runs["batch-1"]["accepted"], runs["batch-1"]["rejected"], runs["batch-1"]["failed"]) == (2, 0, 0)
+    assert (runs["batch-2"]["accepted"], runs["batch-2"]["rejected"]) == (1, 1)
+    assert runs["batch-1"]["status"] == "SUCCEEDED" and runs["batch-1"]["seconds"] >= 0
+    assert runs["batch-1"]["stopped_at"] >= runs["batch-1"]["started_at"]
+    assert runs["batch-2"]["seconds"] is None and runs["batch-2"]["stopped_at"] is None
+    assert runs["batch-1"]["files_merged"] == 2 and runs["batch-1"]["dates"] == 1  # orders count without items
+    assert runs["batch-2"]["files_merged"] == 1 and runs["batch-2"]["dates"] == 1
+    assert len(data["files"]) == 4
+
+    assert main(["runs"]) == cli.ExitCode.OK
+    table = capsys.readouterr().out
+    row = cells(table, "batch-2")  # name, status, started, stopped, seconds, accepted, rejected, failed, merged, dates
+    assert row[1] == "RUNNING" and row[3:5] == ["", ""] and row[5:] == ["1", "1", "0", "1", "1"]
+
+
+def reprocess(stack: operations.Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``operations.wait`` as the workflow would answer it: the reprocess execution runs its merge and succeeds."""
+
+    def wait(stack_: object, timeout: float, files: object = (), on_status: operations.OnStatus | None = None) -> bool:
+        [running] = stack.workflow.executions("RUNNING")
+        monkeypatch.setenv("SHOPKPI_EXECUTION_ID", running["name"])
+        payload = orjson.loads(stack.workflow.describe(running["executionArn"])["input"])["reprocess"]
+        assert tasks.main(["merge", "--from", payload["from"], "--to", payload["to"]]) == 0
+        end(stack, running["executionArn"], "SUCCEEDED")
+        assert on_status is not None
+        on_status(operations.WaitStatus(elapsed_s=0.0, files=0, landed=0, validated=0, merged=0, running=0, queued=0))
+        return True
+
+    monkeypatch.setattr(operations, "wait", wait)
+
+
+def cells(table: str, first: str) -> list[str]:
+    """The cells of the table row whose first cell is ``first``."""
+    rows = ([c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines())
+    return next(row for row in rows if row and row[0] == first)
+
+
+def answer(stdout: str) -> list[str]:
+    """The command's lines, without the JSON log lines the tasks run by the test wrote to stdout."""
+    return [line for line in stdout.splitlines() if not line.startswith("{")]
+
+
+def test_reprocess_of_unchanged_inputs_says_nothing_changed(
+    pipeline: operations.Stack,
+    write_csv: WriteCsv,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    end(pipeline, run_tasks(pipeline, monkeypatch, capsys, "batch-1", shop(write_csv)), "SUCCEEDED")
+    reprocess(pipeline, monkeypatch, capsys)
+    assert main(["reprocess", "--from", "2025-03-01", "--to", "2025-03-31", "--wait"]) == cli.ExitCode.OK
     out = capsys.readouterr()
-    assert out.out == "arn:reprocess-1\n"
-    if argv and idle:
-        assert out.err == f"reprocessing {status.lower()}\n"
+    arn, summary, *rest = answer(out.out)
+    assert arn.startswith("arn:aws:states:") and summary.startswith(f"reprocess {arn.rsplit(':', 1)[-1]}: succeeded")
+    assert rest == ["nothing changed: the 2 KPI items of the range already held these values"]
+    assert "reprocessing 2025-03-01..2025-03-31: 0 s, 0 executions running" in out.err
 
 
-EXECUTION = {"name": "batch-20250301", "status": "SUCCEEDED", "startDate": "2025-03-01", "stopDate": "2025-03-01"}
+def test_reprocess_says_which_kpi_items_it_rewrote_and_removed(
+    pipeline: operations.Stack,
+    write_csv: WriteCsv,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    end(pipeline, run_tasks(pipeline, monkeypatch, capsys, "batch-1", shop(write_csv)), "SUCCEEDED")
+    [day] = pipeline.tables.daily("2025-03-01", "2025-03-01")
+    # Items the store should not hold: a day with wrong values and a category no file ever had, written with the
+    # generation of the merge that wrote the day (as a bug would have left them; a reprocess's merge is newer).
+    wrong = msgspec.structs.replace(day, revenue_cents=day.revenue_cents + 1)
+    ghost = CategoryKpi(
+        category="Ghost", order_date="2025-03-01", orders=1, returned_orders=0, items=1, revenue_cents=1
+    )
+    pipeline.tables.publish([wrong], [ghost], generation=1, computed_at="2025-03-01T00:00:00Z", run_id="stale")
+    assert operations.daily(pipeline, "2025-03-01", "2025-03-01") == [wrong]
+    reprocess(pipeline, monkeypatch, capsys)
+    assert main(["reprocess", "--from", "2025-03-01", "--to", "2025-03-31", "--wait"]) == cli.ExitCode.OK
+    out = "\n".join(answer(capsys.readouterr().out))
+    assert "KPI items changed" in out
+    assert cells(out, "order KPIs (per day)")[1:] == ["1", "0", "0"]  # rewritten, added, removed
+    assert cells(out, "category KPIs (per day)")[1:] == ["0", "0", "1"]
+    assert "1 dates changed: 2025-03-01; 1 items unchanged" in out
+    assert [k.revenue_cents for k in pipeline.tables.daily("2025-03-01", "2025-03-01")] == [day.revenue_cents]
 
 
-@pytest.mark.parametrize("json", [False, True], ids=["table", "json"])
-def test_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], json: bool) -> None:
-    stub_stack(monkeypatch)
-    monkeypatch.setattr(operations, "runs", lambda stack, limit: ([EXECUTION], []) if limit == 3 else ([], []))
-    assert main(["runs", "--limit", "3", *(["--json"] if json else [])]) == cli.ExitCode.OK
-    out = capsys.readouterr().out
-    assert "batch-20250301" in out
-    assert ('"executions"' in out) == json
+def test_reprocess_wait_exits_5_when_the_execution_failed(
+    pipeline: operations.Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def wait(stack_: object, timeout: float, files: object = (), on_status: object = None) -> bool:
+        [running] = pipeline.workflow.executions("RUNNING")
+        end(pipeline, running["executionArn"], "FAILED")
+        return True
+
+    monkeypatch.setattr(operations, "wait", wait)
+    assert main(["reprocess", "--from", "2025-03-01", "--to", "2025-03-02", "--wait"]) == cli.ExitCode.FAILED
+    assert ": failed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("json", [False, True], ids=["table", "json"])
-def test_rejects(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], json: bool) -> None:
+def test_reprocess_without_wait_prints_the_execution_and_returns(
+    pipeline: operations.Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(operations, "wait", lambda *a, **k: pytest.fail("waited without --wait"))
+    assert main(["reprocess", "--from", "2025-03-01", "--to", "2025-03-02"]) == cli.ExitCode.OK
+    [running] = pipeline.workflow.executions("RUNNING")
+    assert capsys.readouterr().out == running["executionArn"] + "\n"
+    payload = orjson.loads(pipeline.workflow.describe(running["executionArn"])["input"])
+    assert payload == {"reprocess": {"from": "2025-03-01", "to": "2025-03-02"}}
+
+
+def test_rejects_tells_the_rows_rejected_at_merge_time(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     stub_stack(monkeypatch)
     monkeypatch.setattr(operations, "rejects", lambda stack, limit: [])
     late = {"user_mismatch": 2, "rows": ["s3://landing/rejected/merge/1.csv"]}
     monkeypatch.setattr(operations, "merge_rejects", lambda stack: late)
-    assert main(["rejects", *(["--json"] if json else [])]) == cli.ExitCode.OK
+    assert main(["rejects"]) == cli.ExitCode.OK
     out = capsys.readouterr().out
-    if json:
-        assert out == "[]\n"
-    else:
-        assert "Rejected files" in out
-        assert "rejected at merge time: 2 items whose user_id differs from their order's" in out
-        assert "s3://landing/rejected/merge/1.csv" in out
+    assert "rejected at merge time: 2 items whose user_id differs from their order's" in out
+    assert "s3://landing/rejected/merge/1.csv" in out
 
 
 def test_local_up_serves_the_embedded_stack(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -551,8 +777,15 @@ def test_dashboard_serves_the_stack_until_interrupted(
         def server_close(self) -> None:
             closed.append(True)
 
-    def make_server(host: str, port: int, daily: dashboard.DailyReader, category: dashboard.CategoryReader) -> Server:
+    def make_server(
+        host: str,
+        port: int,
+        daily: dashboard.DailyReader,
+        category: dashboard.CategoryReader,
+        health: dashboard.HealthReader | None = None,
+    ) -> Server:
         assert (host, port) == ("127.0.0.1", 8050)
+        assert health is not None  # the page's pipeline-health panel has a source
         return Server(daily, category)
 
     monkeypatch.setattr(dashboard, "make_server", make_server)

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -127,12 +128,29 @@ def test_kpis_category_json_writes_exact_two_decimal_numbers(stack: None, capsys
     ]
 
 
-def test_runs_json_keeps_execution_times_as_iso_8601_with_their_offset(
+def test_runs_json_writes_execution_times_as_iso_8601_with_their_offset_and_durations_as_numbers(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     started = datetime(2025, 3, 1, 8, 0, 0, 250000, tzinfo=UTC)
-    monkeypatch.setattr(cli, "_stack", lambda settings: object())
-    monkeypatch.setattr(operations, "runs", lambda stack, limit: ([{"name": "r1", "startDate": started}], []))
+    stopped = datetime(2025, 3, 1, 8, 0, 12, 750000, tzinfo=UTC)
+    execution = {"name": "r1", "status": "SUCCEEDED", "startDate": started, "stopDate": stopped}
+    workflow = SimpleNamespace(executions=lambda limit: [execution])
+    ledger = SimpleNamespace(files=lambda limit: [], get_run=lambda name: None)
+    monkeypatch.setattr(cli, "_stack", lambda settings: SimpleNamespace(workflow=workflow, ledger=ledger))
     assert main(["runs", "--json"]) == 0
-    _, data = printed(capsys)
-    assert data["executions"] == [{"name": "r1", "startDate": "2025-03-01T08:00:00.250000+00:00"}]
+    text, data = printed(capsys)
+    assert '"seconds": 12.5,' in text
+    assert data["executions"] == [
+        {
+            "name": "r1",
+            "status": "SUCCEEDED",
+            "started_at": "2025-03-01T08:00:00.250000+00:00",
+            "stopped_at": "2025-03-01T08:00:12.750000+00:00",
+            "seconds": Decimal("12.5"),
+            "accepted": 0,
+            "rejected": 0,
+            "failed": 0,
+            "files_merged": None,
+            "dates": None,
+        }
+    ]

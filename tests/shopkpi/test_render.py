@@ -15,6 +15,7 @@ import shopkpi.render as render
 from orchestration import operations
 from orchestration.deploy import Plan
 from processor.aws.cloudformation import Change
+from processor.aws.dynamo import FileRecord
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 from shopkpi import cli
 from shopkpi.cli import main
@@ -93,20 +94,24 @@ def stack(monkeypatch: pytest.MonkeyPatch) -> None:
         operations, "category", lambda stack, c, f, t: [_category(n) for n in (CLOSING_TAG, LINK, EMOJI)]
     )
     ledger = [
-        {
-            "updated_at": "2025-03-01T00:00:00+00:00",
-            "source": "s3://bucket/incoming/orders[red].csv",
-            "dataset": CLOSING_TAG,
-            "outcome": LINK,
-            "rows": 3,
-            "rejected_rows": 3,
-            "reason": EMOJI,
-        }
+        FileRecord(
+            updated_at="2025-03-01T00:00:00+00:00",
+            source="s3://bucket/incoming/orders[red].csv",
+            dataset=CLOSING_TAG,
+            outcome=LINK,
+            rows=3,
+            rejected_rows=3,
+            reason=EMOJI,
+            message=LINK,
+            rejects=f"s3://bucket/reports/{CLOSING_TAG}/rejected_rows.csv",
+        )
     ]
-    executions = [{"name": LINK, "status": CLOSING_TAG, "startDate": EMOJI, "stopDate": ""}]
-    monkeypatch.setattr(operations, "runs", lambda stack, limit: (executions, ledger))
+    monkeypatch.setattr(operations, "runs", lambda stack, limit: ([EXECUTION], ledger))
     monkeypatch.setattr(operations, "rejects", lambda stack, limit: ledger)
     monkeypatch.setattr(operations, "merge_rejects", lambda stack: {"user_mismatch": 0, "rows": []})
+
+
+EXECUTION = operations.ExecutionRun(name=LINK, status=CLOSING_TAG, started_at=EMOJI, stopped_at=None, seconds=None)
 
 
 @pytest.mark.parametrize("command", [["kpis", "category"], ["runs"], ["rejects"]])
@@ -116,7 +121,15 @@ def test_names_read_from_the_stack_are_printed_literally(stack: None, screen: St
 
 
 def _outcomes() -> None:
-    render.print_outcomes([{"file": LINK, "outcome": CLOSING_TAG, "rows": 1, "rejected_rows": 0, "reason": EMOJI}])
+    record = FileRecord(outcome=CLOSING_TAG, rows=1, rejected_rows=0, reason=EMOJI)
+    render.print_outcomes([operations.FileOutcome(file=LINK, file_id="f", record=record)])
+
+
+def _reprocess() -> None:
+    changes = operations.KpiChanges(
+        dates=[LINK, CLOSING_TAG, EMOJI], daily=operations.ItemChanges(), category=operations.ItemChanges(), unchanged=0
+    )
+    render.print_reprocess(operations.ReprocessResult(execution=LINK, status="SUCCEEDED", seconds=1.0, changes=changes))
 
 
 def _files() -> None:
@@ -159,8 +172,10 @@ def _plan() -> None:
         _outcomes,
         _files,
         _plan,
-        lambda: render.print_executions([{"name": LINK, "status": CLOSING_TAG, "startDate": EMOJI}]),
-        lambda: render.print_ledger([{"outcome": LINK, "dataset": CLOSING_TAG, "reason": EMOJI}], "Files"),
+        _reprocess,
+        lambda: render.print_executions([EXECUTION]),
+        lambda: render.print_ledger([FileRecord(outcome=LINK, dataset=CLOSING_TAG, reason=EMOJI)], "Files"),
+        lambda: render.print_rejects([FileRecord(outcome=LINK, message=CLOSING_TAG, reason=EMOJI)]),
         lambda: render.print_kpis(DAILY, [_category(CLOSING_TAG), _category(LINK), _category(EMOJI)]),
     ],
 )
@@ -174,3 +189,30 @@ def test_terminal_escapes_in_a_name_are_shown_not_sent_to_the_terminal(screen: S
     printed = screen.getvalue()
     assert OSC8 not in printed
     assert "Books" in printed
+
+
+class Terminal(StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_is_a_live_display_of_files_and_executions() -> None:
+    screen = Terminal()
+    with render.WaitProgress("waiting", stream=screen) as progress:
+        progress(operations.WaitStatus(elapsed_s=1.0, files=4, landed=4, validated=3, merged=1, running=2, queued=1))
+    shown = screen.getvalue()
+    assert "waiting: 2 executions running, 1 events queued" in shown
+    assert "validated (accepted, rejected or failed)" in shown and "3/4" in shown
+    assert "merged (their KPIs published)" in shown and "1/4" in shown
+
+
+def test_progress_elsewhere_is_a_plain_line_every_few_seconds_and_one_at_the_end() -> None:
+    log = StringIO()
+    with render.WaitProgress("reprocessing", stream=log, every_s=5.0) as progress:
+        for elapsed in (0.2, 3.0, 4.9, 5.0, 9.0, 11.0, 12.4):
+            progress(
+                operations.WaitStatus(elapsed_s=elapsed, files=0, landed=0, validated=0, merged=0, running=1, queued=0)
+            )
+    assert log.getvalue().splitlines() == [
+        f"reprocessing: {s} s, 1 executions running, 0 events queued" for s in ("0", "5", "11", "12")
+    ]
