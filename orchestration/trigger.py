@@ -2,6 +2,7 @@
 
 On AWS this is an EventBridge Pipe (``infra/template.yaml``: SQS source, batch size 50, batching window 30 s, Step
 Functions target, an input template applied to each record). :class:`LocalPipe` does the same for the embedded stack:
+moto stores Pipes but never runs them (gap ``pipes_never_run`` in ``orchestration/local/MOTO_NOTES.md``), so
 it reads the buffer queue, gathers a batch for at most ``window_s`` seconds, starts one execution whose input is the
 batch as the Pipe delivers it, and deletes the messages once the execution started. The state machine is thus fed
 the same input by both: a JSON array of ``{"bucket", "key", "etag"}``, the key URL-encoded as S3 writes it in its
@@ -30,8 +31,9 @@ def pipe_record(message: dict[str, Any]) -> dict[str, Any]:
     """An SQS message (an EventBridge "Object Created" event) as the Pipe's input template passes it to its target:
     ``{"bucket": <$.body.detail.bucket.name>, "key": <$.body.detail.object.key>, "etag": <$.body.detail.object.etag>}``.
 
-    moto's S3 differs from AWS's in two ways here, both undone so the workflow sees what it sees on AWS: it writes the
-    key as it is, where S3 URL-encodes it, and names the ETag ``eTag``, where S3 writes ``etag``.
+    moto's S3 differs from AWS's in two ways here (gap ``s3_events_differ_from_aws`` in
+    ``orchestration/local/MOTO_NOTES.md``), both undone so the workflow sees what it sees on AWS: it writes the key
+    as it is, where S3 URL-encodes it, and names the ETag ``eTag``, where S3 writes ``etag``.
     """
     detail = json.loads(message["Body"])["detail"]
     obj = detail["object"]

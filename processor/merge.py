@@ -139,6 +139,8 @@ class _Run:
     """What one merge accumulates across its steps."""
 
     scratch: Path
+    generation: int
+    started: float  # time.perf_counter() when the merge began
     conflicts: int = 0
     groups: int = 0
     mismatched: int = 0
@@ -189,20 +191,10 @@ def merge(
     segments = committed_segments(store)
     merged = set(state.agg["files"].get_column("file_id").to_list())
     delivery = [s for s in segments if s.file_id not in merged]
-    run = _Run(scratch=scratch, mismatched=head.mismatched)
+    run = _Run(scratch=scratch, generation=generation, started=started, mismatched=head.mismatched)
     scratch.mkdir(parents=True, exist_ok=True)
     if delivery:
-        log.info("merge.start", files=len(delivery), generation=generation, state_rows=state.tables["order_items"].rows)
-        numbers = _register(state, delivery)
-        steps = _steps(delivery, rows_per_pass)
-        with run.timed("read"):
-            run.duplicates = _duplicate_items(state, delivery, numbers, rows_per_pass)
-        for step in steps:
-            _apply(state, run, step, numbers)
-        _move_customers(state, run, rows_per_pass)
-        with run.timed("compact"):
-            for table in state.tables.values():
-                table.compact(scratch, rows_per_file=rows_per_pass)
+        _apply_delivery(state, run, delivery, rows_per_pass)
 
     pub = _publication(state, run, force_dates)
     written = publish(pub, generation) if publish and pub else 0
@@ -213,11 +205,44 @@ def merge(
         new_head = _commit(state, run, generation, prefix)
         _collect_garbage(store, new_head, delivery)
 
-    pending, orphans = _waiting(state.agg["pending"], orphan_grace_s, now or datetime.now(UTC))
+    waiting = _waiting(state.agg["pending"], orphan_grace_s, now or datetime.now(UTC))
+    result = _summary(
+        state, run, pub, segments=len(segments), files_merged=len(delivery), written=written, waiting=waiting
+    )
+    return result, pub.daily, pub.category
+
+
+def _apply_delivery(state: State, run: _Run, delivery: list[Segment], rows_per_pass: int) -> None:
+    """Steps 1 to 3 of the module docstring: the delivery in steps, applied one after the other, then compacted."""
+    log.info("merge.start", files=len(delivery), generation=run.generation, state_rows=state.tables["order_items"].rows)
+    numbers = _register(state, delivery)
+    steps = _steps(delivery, rows_per_pass)
+    with run.timed("read"):
+        run.duplicates = _duplicate_items(state, delivery, numbers, rows_per_pass)
+    for step in steps:
+        _apply(state, run, step, numbers)
+    _move_customers(state, run, rows_per_pass)
+    with run.timed("compact"):
+        for table in state.tables.values():
+            table.compact(run.scratch, rows_per_file=rows_per_pass)
+
+
+def _summary(
+    state: State,
+    run: _Run,
+    pub: Publication,
+    *,
+    segments: int,
+    files_merged: int,
+    written: int,
+    waiting: tuple[dict[str, int], dict[str, int]],
+) -> MergeResult:
+    """The merge's result, logged (with a warning for conflicting versions and for orphans)."""
+    pending, orphans = waiting
     result = MergeResult(
-        generation=generation,
-        segments=len(segments),
-        files_merged=len(delivery),
+        generation=run.generation,
+        segments=segments,
+        files_merged=files_merged,
         groups_recomputed=run.groups,
         dates=sorted({k.order_date for k in pub.daily} | set(pub.gone_daily)),
         daily_kpis=len(pub.daily),
@@ -229,7 +254,7 @@ def merge(
         late_rejects={"user_mismatch": run.mismatched} if run.mismatched else {},
         conflicts=run.conflicts,
         state_rows={n: t.rows for n, t in state.tables.items()},
-        seconds=round(time.perf_counter() - started, 3),
+        seconds=round(time.perf_counter() - run.started, 3),
     )
     if run.conflicts:
         log.warning("merge.conflicts", keys=run.conflicts, rule="later-arriving file wins")
@@ -237,7 +262,7 @@ def merge(
         log.warning("merge.orphans", **orphans)
     timings = {k: round(v, 3) for k, v in run.timings.items()}
     log.info("merge.done", **msgspec.structs.asdict(result) | {"dates": len(result.dates), "timings": timings})
-    return result, pub.daily, pub.category
+    return result
 
 
 # --- the delivery ----------------------------------------------------------------------------------------------
@@ -352,27 +377,11 @@ def _winners(run: _Run, new: pl.DataFrame, old: pl.DataFrame, key: str) -> tuple
 
 
 def _apply(state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, int]]) -> None:
-    """Apply one step of the delivery to the state (see the module docstring, step 2)."""
+    """Apply one step of the delivery to the state (see the module docstring, step 2): the latest products, orders
+    and items against the stored ones, the order groups they change recomputed, the changed rows appended."""
     t = state.tables
-    # Products: a small table, kept whole.
     products_old = state.agg["products"]
-    products_new = products_old
-    moved_products: list[int] = []
-    raw = _read(state, step, numbers, PRODUCTS.name)
-    if raw.height:
-        new, c = K.latest(raw, "product_id")
-        run.conflicts += c
-        wins, changed = _winners(run, new, products_old, "product_id")
-        old_cat = products_old.select("product_id", pl.col("category").alias("old"))
-        moved = changed.join(old_cat, on="product_id", how="left").filter(pl.col("old").ne_missing(pl.col("category")))
-        moved_products = moved.get_column("product_id").to_list()
-        products_new = pl.concat(
-            [
-                products_old.join(wins.select("product_id"), on="product_id", how="anti"),
-                wins.select(list(K.PRODUCT_STATE)),
-            ]
-        )
-        state.agg["products"] = products_new
+    moved_products = _apply_products(state, run, step, numbers)
 
     affected: list[pl.Series] = []
     order_wins = K.empty(K.ORDER_STATE)
@@ -381,49 +390,89 @@ def _apply(state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, in
         wins, changed = incoming
         order_wins = wins.select(list(K.ORDER_STATE))
         affected.append(changed.get_column("order_id"))
-
-    item_wins = K.empty(K.ITEM_INDEX)
-    item_changed = K.empty(K.ORDER_ITEMS)
-    tombstones = K.empty(K.ORDER_ITEMS)
-    incoming = _incoming(state, run, step, numbers, ORDER_ITEMS.name, "items")
-    if incoming is not None:
-        wins, changed = incoming
-        item_wins = wins.select(list(K.ITEM_INDEX))
-        item_changed = changed.select(list(K.ORDER_ITEMS))
-        moved = changed.filter(pl.col("order_id_old").is_not_null() & (pl.col("order_id_old") != pl.col("order_id")))
-        tombstones = moved.select(
-            pl.col("order_id_old").alias("order_id"),
-            "id",
-            *(pl.lit(None).alias(c) for c in list(K.ORDER_ITEMS)[2:-1]),
-            pl.lit(True).alias("_del"),
-        ).cast(K.ORDER_ITEMS)  # type: ignore[arg-type]
-        affected += [changed.get_column("order_id"), moved.get_column("order_id_old")]
+    item_wins, item_changed, tombstones = _item_changes(state, run, step, numbers, affected)
     if moved_products:
         affected.append(t["order_items"].scan_column("product_id", moved_products, "order_id"))
 
     group_ids = pl.concat([s.cast(pl.Int64) for s in affected]).unique() if affected else pl.Series([], dtype=pl.Int64)
     if group_ids.len():
-        keys = pl.DataFrame({"order_id": group_ids})
-        with run.timed("lookup"):
-            orders_old = t["orders"].lookup(keys)
-            items_old = t["order_items"].lookup(keys)
-        with run.timed("delta"):
-            orders_new = _newest(pl.concat([orders_old, order_wins.join(keys, on="order_id", how="semi")]), "order_id")
-            items_new = pl.concat([items_old.join(item_changed.select("id"), on="id", how="anti"), item_changed])
-            new_c = K.contributions(orders_new, items_new, products_new)
-            old_c = (
-                K.contributions(orders_old, items_old, products_old)
-                if orders_old.height or items_old.height
-                else K.nothing()
-            )
-            d = K.delta(new_c, old_c)
-        _move_aggregates(state, run, d)
-        run.mismatched += new_c.mismatched.height - old_c.mismatched.height
-        run.groups += group_ids.len()
+        _recompute_groups(state, run, group_ids, order_wins, item_changed, products_old)
     with run.timed("write"):
         t["orders"].append(order_wins, run.scratch)
         t["items"].append(item_wins, run.scratch)
         t["order_items"].append(pl.concat([tombstones, item_changed]), run.scratch)
+
+
+def _apply_products(state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, int]]) -> list[int]:
+    """Products, a small table kept whole: the step's winning versions replace the stored ones. Returns the ids of
+    the products whose category changed (their orders' groups move between categories)."""
+    raw = _read(state, step, numbers, PRODUCTS.name)
+    if not raw.height:
+        return []
+    products_old = state.agg["products"]
+    new, c = K.latest(raw, "product_id")
+    run.conflicts += c
+    wins, changed = _winners(run, new, products_old, "product_id")
+    old_cat = products_old.select("product_id", pl.col("category").alias("old"))
+    moved = changed.join(old_cat, on="product_id", how="left").filter(pl.col("old").ne_missing(pl.col("category")))
+    state.agg["products"] = pl.concat(
+        [
+            products_old.join(wins.select("product_id"), on="product_id", how="anti"),
+            wins.select(list(K.PRODUCT_STATE)),
+        ]
+    )
+    return moved.get_column("product_id").to_list()
+
+
+def _item_changes(
+    state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, int]], affected: list[pl.Series]
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """The step's items against the stored ones: the winners (for the item index), those whose values changed, and
+    tombstones for the items that left their order. Appends to ``affected`` the order groups they change: the new
+    order of a changed item, and the old one of a moved item."""
+    incoming = _incoming(state, run, step, numbers, ORDER_ITEMS.name, "items")
+    if incoming is None:
+        return K.empty(K.ITEM_INDEX), K.empty(K.ORDER_ITEMS), K.empty(K.ORDER_ITEMS)
+    wins, changed = incoming
+    moved = changed.filter(pl.col("order_id_old").is_not_null() & (pl.col("order_id_old") != pl.col("order_id")))
+    tombstones = moved.select(
+        pl.col("order_id_old").alias("order_id"),
+        "id",
+        *(pl.lit(None).alias(c) for c in list(K.ORDER_ITEMS)[2:-1]),
+        pl.lit(True).alias("_del"),
+    ).cast(K.ORDER_ITEMS)  # type: ignore[arg-type]
+    affected += [changed.get_column("order_id"), moved.get_column("order_id_old")]
+    return wins.select(list(K.ITEM_INDEX)), changed.select(list(K.ORDER_ITEMS)), tombstones
+
+
+def _recompute_groups(
+    state: State,
+    run: _Run,
+    group_ids: pl.Series,
+    order_wins: pl.DataFrame,
+    item_changed: pl.DataFrame,
+    products_old: pl.DataFrame,
+) -> None:
+    """Read the changed order groups' old rows by key, build their new rows, and move the aggregates by
+    ``contributions(new) - contributions(old)`` (``products_old``: the products before this step)."""
+    t = state.tables
+    keys = pl.DataFrame({"order_id": group_ids})
+    with run.timed("lookup"):
+        orders_old = t["orders"].lookup(keys)
+        items_old = t["order_items"].lookup(keys)
+    with run.timed("delta"):
+        orders_new = _newest(pl.concat([orders_old, order_wins.join(keys, on="order_id", how="semi")]), "order_id")
+        items_new = pl.concat([items_old.join(item_changed.select("id"), on="id", how="anti"), item_changed])
+        new_c = K.contributions(orders_new, items_new, state.agg["products"])
+        old_c = (
+            K.contributions(orders_old, items_old, products_old)
+            if orders_old.height or items_old.height
+            else K.nothing()
+        )
+        d = K.delta(new_c, old_c)
+    _move_aggregates(state, run, d)
+    run.mismatched += new_c.mismatched.height - old_c.mismatched.height
+    run.groups += group_ids.len()
 
 
 def _incoming(

@@ -1,6 +1,6 @@
 """The embedded default: the whole stack on one machine, with no AWS account (``shopkpi local up``, ``demo``).
 
-1. moto in server mode on 127.0.0.1 (in this process, so :mod:`moto_patches` can act on it), Step Functions
+1. moto in server mode on 127.0.0.1 (in this process, so :class:`MotoPatches` can act on it), Step Functions
    execution switched on;
 2. the stack deployed from ``infra/template.yaml`` through moto's CloudFormation, exactly as ``shopkpi deploy`` sends
    it to AWS (same rendered template, same state machine definition);
@@ -30,8 +30,8 @@ from typing import Any
 from moto.server import ThreadedMotoServer
 
 from orchestration import definition
-from orchestration.local import moto_patches
 from orchestration.local.ecs_runner import run_task_locally
+from orchestration.local.moto_patches import MotoPatches, enable_execution
 from orchestration.template import render_template
 from orchestration.trigger import LocalPipe
 from processor.aws import make_clients
@@ -81,6 +81,7 @@ class EmbeddedStack:
         self.pipe_window_s = pipe_window_s
         self.processes: list[Popen[bytes]] = []
         self._server: ThreadedMotoServer | None = None
+        self._patches: MotoPatches | None = None
         self._saved_env: dict[str, str | None] = {}
         self.endpoint = ""
         self.clients: Clients | None = None
@@ -104,8 +105,8 @@ class EmbeddedStack:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._export_env()
         self.settings = replace(self.settings, endpoint_url=self.endpoint)
-        moto_patches.enable_execution(self.endpoint)
-        moto_patches.install(self._run_task, server_port=self.port)
+        enable_execution(self.endpoint)
+        self._patches = MotoPatches(self._run_task, server_port=self.port).install()
         self.clients = make_clients(self.settings)
         # moto creates a stack synchronously, so the first poll mostly finds it settled; no need to wait 5 s.
         stacks = Stacks(self.clients.cloudformation, poll_s=1.0)
@@ -131,7 +132,8 @@ class EmbeddedStack:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        moto_patches.uninstall()
+        if self._patches:
+            self._patches.uninstall()
         if self._server:
             # moto keeps its state in this process: forget it, as a stopped `shopkpi local up` process would, so a
             # stack started later in the same process (tests) begins empty.
@@ -164,7 +166,8 @@ class EmbeddedStack:
             os.environ[k] = v
 
     def _executable_state_machine(self) -> None:
-        """Gap (d) of MOTO_NOTES.md: moto's CloudFormation puts state machines in its non-executing backend.
+        """Gap ``cloudformation_state_machines_not_executable`` (MOTO_NOTES.md): moto's CloudFormation puts state
+        machines in its non-executing backend.
 
         Create the same state machine (same name, so the same ARN the stack outputs) through the Step Functions API
         in the executing backend, with the definition CloudFormation would have received and the substitutions it
@@ -205,9 +208,9 @@ class EmbeddedStack:
     def _bucket_events(self) -> None:
         """moto's CloudFormation ignores the bucket's ``NotificationConfiguration.EventBridgeConfiguration``.
 
-        Found here (not in MOTO_NOTES' original list): the deployed bucket has no notification configuration, so no
-        S3 event reaches EventBridge. Apply the template's setting through the S3 API. Remove once moto's
-        CloudFormation applies it.
+        Gap ``cloudformation_ignores_bucket_eventbridge`` (MOTO_NOTES.md): the deployed bucket has no notification
+        configuration, so no S3 event reaches EventBridge. Apply the template's setting through the S3 API. Remove
+        once moto's CloudFormation applies it.
         """
         assert self.clients and self.outputs
         self.clients.s3.put_bucket_notification_configuration(

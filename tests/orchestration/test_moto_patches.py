@@ -10,7 +10,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -22,8 +22,9 @@ import pytest
 from moto.core.config import default_user_config
 from moto.server import ThreadedMotoServer
 
-from orchestration.local import moto_patches
 from orchestration.local.ecs_runner import run_task_locally
+from orchestration.local.moto_ecs import LocalEcsTask
+from orchestration.local.moto_patches import PATCHES, MotoPatches, Runner, enable_execution
 from processor.aws.dynamo import create_tables
 
 pytestmark = pytest.mark.slow
@@ -60,7 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(endpoint=f"http://127.0.0.1:{port}", port=port)
     saved_config = dict(default_user_config["stepfunctions"])
     try:
-        moto_patches.enable_execution(s.endpoint)
+        enable_execution(s.endpoint)
         names = create_tables(s.client("dynamodb"), f"t{uuid.uuid4().hex[:8]}")
         bucket = f"landing-{uuid.uuid4().hex[:8]}"
         s.client("s3").create_bucket(Bucket=bucket)
@@ -92,7 +93,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         yield s
     finally:
-        moto_patches.uninstall()
         for p in s.processes:
             if p.poll() is None:
                 p.kill()
@@ -101,7 +101,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         server.stop()
 
 
-def _ecs_runner(stack: Stack, work: Path) -> moto_patches.Runner:
+#: Installs the patches with this runner for one test (uninstalled after it), calling this server's port.
+PatchMoto = Callable[[Runner], MotoPatches]
+
+
+@pytest.fixture
+def patch_moto(stack: Stack) -> Iterator[PatchMoto]:
+    installed: list[MotoPatches] = []
+
+    def install(runner: Runner) -> MotoPatches:
+        installed.append(MotoPatches(runner, server_port=stack.port).install())
+        return installed[-1]
+
+    yield install
+    for patches in installed:
+        patches.uninstall()
+
+
+def _ecs_runner(stack: Stack, work: Path) -> Runner:
     ecs = stack.client("ecs")
 
     def run(parameters: dict[str, Any]) -> Popen[bytes]:
@@ -168,8 +185,10 @@ def _history(stack: Stack, execution: str) -> list[dict[str, Any]]:
     return events
 
 
-def test_wait_for_task_token_runs_the_real_task_and_takes_its_reported_result(stack: Stack, tmp_path: Path) -> None:
-    moto_patches.install(_ecs_runner(stack, tmp_path), server_port=stack.port)
+def test_wait_for_task_token_runs_the_real_task_and_takes_its_reported_result(
+    stack: Stack, patch_moto: PatchMoto, tmp_path: Path
+) -> None:
+    patch_moto(_ecs_runner(stack, tmp_path))
     definition = {
         "StartAt": "Merge",
         "States": {
@@ -222,9 +241,9 @@ def test_wait_for_task_token_runs_the_real_task_and_takes_its_reported_result(st
     ids=["timeout", "heartbeat"],
 )
 def test_task_exiting_without_reporting_times_out_into_the_catch(
-    stack: Stack, tmp_path: Path, timeouts: dict[str, int], within: float
+    stack: Stack, patch_moto: PatchMoto, tmp_path: Path, timeouts: dict[str, int], within: float
 ) -> None:
-    moto_patches.install(_ecs_runner(stack, tmp_path), server_port=stack.port)
+    patch_moto(_ecs_runner(stack, tmp_path))
     # `--help` prints usage and exits 0 without ever calling SendTaskSuccess/Failure: a lost task.
     definition = {
         "StartAt": "Lost",
@@ -252,7 +271,7 @@ def test_task_exiting_without_reporting_times_out_into_the_catch(
     assert stack.processes[-1].wait(timeout=10) == 0
 
 
-def test_each_retry_attempt_gets_its_own_token(stack: Stack) -> None:
+def test_each_retry_attempt_gets_its_own_token(stack: Stack, patch_moto: PatchMoto) -> None:
     tokens: list[str] = []
     sfn = stack.client("stepfunctions")
 
@@ -271,7 +290,7 @@ def test_each_retry_attempt_gets_its_own_token(stack: Stack) -> None:
 
         threading.Thread(target=report, daemon=True).start()
 
-    moto_patches.install(runner, server_port=stack.port)
+    patch_moto(runner)
     retry = [{"ErrorEquals": ["ShopKpi.Throttled"], "IntervalSeconds": 1, "MaxAttempts": 3, "BackoffRate": 2.0}]
     definition = {
         "StartAt": "T",
@@ -287,8 +306,8 @@ def test_each_retry_attempt_gets_its_own_token(stack: Stack) -> None:
     assert [(f["error"], f.get("cause")) for f in failed] == [("ShopKpi.Throttled", "slow down")]
 
 
-def test_other_patched_gaps(stack: Stack) -> None:
-    moto_patches.install(lambda parameters: None, server_port=stack.port)  # tasks that never report
+def test_other_patched_gaps(stack: Stack, patch_moto: PatchMoto) -> None:
+    patch_moto(lambda parameters: None)  # tasks that never report
     sfn, sqs = stack.client("stepfunctions"), stack.client("sqs")
     queue = sqs.create_queue(QueueName=f"q-{uuid.uuid4().hex[:8]}")["QueueUrl"]
 
@@ -342,4 +361,68 @@ def test_other_patched_gaps(stack: Stack) -> None:
 def test_install_refuses_another_moto_version(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(moto, "__version__", "5.2.2")
     with pytest.raises(RuntimeError, match=r"verified against moto 5\.2\.1"):
-        moto_patches.install(lambda parameters: None)
+        MotoPatches(lambda parameters: None).install()
+
+
+# --- install and uninstall, in process (no server needed) ---------------------------------------------------------
+_ABSENT = object()
+
+
+def _targets() -> list[tuple[Any, str, Any]]:
+    """Every (owner, attribute) the patches replace, with what moto has there now (patches only compute these)."""
+    probe = MotoPatches(lambda parameters: None)
+    return [(owner, name, vars(owner).get(name, _ABSENT)) for patch in PATCHES for owner, name, _ in patch(probe)]
+
+
+def _moto_behaviour() -> tuple[Any, type, str]:
+    """Three patched gaps as seen from outside: a JSONPath answer, the ECS integration, the integrations' port."""
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task import state_task_factory
+    from moto.stepfunctions.parser.asl.utils import boto_client, json_path
+
+    return (
+        json_path.extract_json("$.a[0].b", {"a": [{"b": 1}]}),
+        type(getattr(state_task_factory, "state_task_service_for")("ecs")),  # noqa: B009
+        getattr(boto_client, "moto_server_port")(),  # noqa: B009
+    )
+
+
+def test_uninstall_gives_moto_back_its_own_behaviour() -> None:
+    before, behaviour = _targets(), _moto_behaviour()
+    assert behaviour[0] == [1] and behaviour[1] is not LocalEcsTask  # moto's gaps, unpatched
+
+    patches = MotoPatches(lambda parameters: None, server_port=4599).install()
+    try:
+        assert patches.installed == [patch.__name__ for patch in PATCHES]
+        assert _moto_behaviour() == (1, LocalEcsTask, "4599")
+    finally:
+        patches.uninstall()
+
+    assert patches.installed == []
+    assert _moto_behaviour() == behaviour
+    assert [(owner, name, vars(owner).get(name, _ABSENT)) for owner, name, _ in before] == before
+    import moto.stepfunctions
+
+    assert not [name for name in vars(moto.stepfunctions) if name.startswith("_shopkpi")]
+
+
+def test_installing_twice_or_uninstalling_twice_is_harmless() -> None:
+    before = _targets()
+    patches = MotoPatches(lambda parameters: None, server_port=4599)
+    try:
+        assert patches.install() is patches.install()
+        assert patches.installed == [patch.__name__ for patch in PATCHES]
+        assert _moto_behaviour()[0] == 1
+    finally:
+        patches.uninstall()
+    patches.uninstall()
+
+    assert [(owner, name, vars(owner).get(name, _ABSENT)) for owner, name, _ in before] == before
+
+
+def test_a_second_patch_set_is_refused_while_one_is_installed() -> None:
+    with MotoPatches(lambda parameters: None) as first:
+        with pytest.raises(RuntimeError, match="another MotoPatches is installed"):
+            MotoPatches(lambda parameters: None).install()
+        assert first.installed
+    with MotoPatches(lambda parameters: None) as second:  # free again once the first is uninstalled
+        assert second.installed

@@ -47,7 +47,7 @@ from moto.core.config import default_user_config
 from moto.server import ThreadedMotoServer
 
 from orchestration import definition
-from orchestration.local import moto_patches
+from orchestration.local.moto_patches import MotoPatches, enable_execution
 from processor.aws.callback import CAUSE_LIMIT, RESULT_LIMIT, Callback, bounded
 from processor.aws.dynamo import create_tables
 from processor.aws.s3 import event_key, join_uri, key_from_event
@@ -380,11 +380,12 @@ def _execute(records: list[dict[str, str]], oversized: frozenset[int] = frozense
     _, port = server.get_host_and_port()
     endpoint = f"http://127.0.0.1:{port}"
     saved_config = dict(default_user_config["stepfunctions"])
+    patches: MotoPatches | None = None
     parser_log = logging.getLogger("moto.stepfunctions.parser")
     saved_level = parser_log.level
     parser_log.setLevel(logging.CRITICAL)  # it logs every absent JSONPath, which IsPresent expects
     try:
-        moto_patches.enable_execution(endpoint)
+        enable_execution(endpoint)
         sfn, sns, sqs = (_client(endpoint, s) for s in ("stepfunctions", "sns", "sqs"))
         prefix = f"t{uuid.uuid4().hex[:8]}"
         tables = create_tables(_client(endpoint, "dynamodb"), prefix)
@@ -415,7 +416,7 @@ def _execute(records: list[dict[str, str]], oversized: frozenset[int] = frozense
             file_id_for(join_uri(r["bucket"], key_from_event(r["key"])), r["etag"]): i for i, r in enumerate(records)
         }
         tasks = FakeTasks(sfn, by_file_id, oversized)
-        moto_patches.install(tasks, server_port=port)
+        patches = MotoPatches(tasks, server_port=port).install()
 
         started = time.monotonic()
         execution = sfn.start_execution(stateMachineArn=machine, input=json.dumps(records))["executionArn"]
@@ -426,6 +427,7 @@ def _execute(records: list[dict[str, str]], oversized: frozenset[int] = frozense
         seconds = time.monotonic() - started
         for t in tasks.threads:
             t.join(timeout=10)
+        patches.uninstall()  # the execution is over; moto takes one patch set at a time, and the fixtures overlap
 
         history: list[dict[str, Any]] = []
         page: dict[str, Any] = {}
@@ -447,7 +449,8 @@ def _execute(records: list[dict[str, str]], oversized: frozenset[int] = frozense
             seconds=seconds,
         )
     finally:
-        moto_patches.uninstall()
+        if patches:
+            patches.uninstall()
         default_user_config["stepfunctions"] = saved_config  # type: ignore[typeddict-item]
         parser_log.setLevel(saved_level)
         with contextlib.suppress(OSError):  # moto keeps its state in this process: forget it

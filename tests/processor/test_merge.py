@@ -84,11 +84,7 @@ def test_later_file_wins_on_conflicting_key_and_conflict_is_counted(
     write_csv: WriteCsv, tmp_path: Path, settings: Settings
 ) -> None:
     staging = tmp_path / "staging"
-    run(
-        one_order(write_csv),
-        staging,
-        settings,
-    )
+    run(one_order(write_csv), staging, settings)
     later = run(
         [
             write_csv("order_items_fix.csv", [item(1, 10, 100, 1, "5.00", status="returned")], folder="b"),
@@ -107,11 +103,7 @@ def test_product_recategorised_moves_revenue_between_categories(
     write_csv: WriteCsv, tmp_path: Path, settings: Settings
 ) -> None:
     staging = tmp_path / "staging"
-    run(
-        one_order(write_csv),
-        staging,
-        settings,
-    )
+    run(one_order(write_csv), staging, settings)
     r = run([write_csv("products_v2.csv", [product(1, "Comics")], folder="b")], staging, settings)
     assert [c.category for c in r.category] == ["Comics"]
 
@@ -230,11 +222,7 @@ def test_item_resent_under_another_order_counts_once_in_its_new_order(
 
 def test_vanished_groups_are_published_as_removals(write_csv: WriteCsv, tmp_path: Path, settings: Settings) -> None:
     staging = tmp_path / "staging"
-    run(
-        one_order(write_csv),
-        staging,
-        settings,
-    )
+    run(one_order(write_csv), staging, settings)
     store = LocalStore(staging)
     stage_local(
         [
@@ -246,7 +234,12 @@ def test_vanished_groups_are_published_as_removals(write_csv: WriteCsv, tmp_path
         tmp_path / "w",
     )
     seen: list[Publication] = []
-    merge(store, generation=0, scratch=tmp_path / "m", publish=lambda p, g: seen.append(p) or 0)
+
+    def publish(publication: Publication, generation: int) -> int:
+        seen.append(publication)
+        return 0
+
+    merge(store, generation=0, scratch=tmp_path / "m", publish=publish)
     [pub] = seen
     assert pub.gone_daily == ["2025-03-01"] and pub.gone_category == [("Books", "2025-03-01")]
     assert [(k.order_date, k.total_orders) for k in pub.daily] == [("2025-03-05", 1)]

@@ -130,6 +130,24 @@ class PublishStats:
     category_written: int = 0
 
 
+def _triage(
+    entries: dict[tuple[str, str, str], _Entry], stored: dict[tuple[str, str, str], tuple[int, str]], generation: int
+) -> tuple[list[_Entry], int, int]:
+    """The entries to write, and how many are skipped as unchanged and as stale, against the stored (generation,
+    digest) of each key."""
+    to_write: list[_Entry] = []
+    unchanged = stale = 0
+    for full_key, entry in entries.items():
+        old = stored.get(full_key)
+        if old is not None and old[0] > generation:
+            stale += 1
+        elif (old is not None and old[1] == entry.digest) or (old is None and entry.item is None):
+            unchanged += 1  # the same figures, or a removal of what is not there
+        else:
+            to_write.append(entry)
+    return to_write, unchanged, stale
+
+
 class KpiTables:
     """Reads and writes of the two KPI tables."""
 
@@ -189,24 +207,9 @@ class KpiTables:
         ``reconcile=(from, to)`` also removes every stored item of that inclusive range that this publish does not
         hold (a reprocess: whatever the store has, afterwards it holds exactly the recomputed range).
         """
-        entries: dict[tuple[str, str, str], _Entry] = {}
-
-        def add(table: str, key: tuple[str, str], item: Item, digest: str) -> None:
-            if (table, *key) in entries:
-                raise ValueError(f"duplicate KPI key {key} for {table} in one publish")
-            item.update(
-                encode({"generation": generation, "computed_at": computed_at, "run_id": run_id, "digest": digest})
-            )
-            entries[(table, *key)] = _Entry(table, key, item, digest)
-
-        for d in daily:
-            _check_date(d.order_date, "order_date")
-            add(self.order_table, (d.order_date[:4], d.order_date), _order_item(d), _digest(d))
-        for c in category:
-            _check_date(c.order_date, "order_date")
-            if not c.category:
-                raise ValueError(f"empty category on {c.order_date}: DynamoDB keys cannot be empty")
-            add(self.category_table, (c.category, c.order_date), _category_item(c), _digest(c))
+        entries = self._entries(
+            daily, category, {"generation": generation, "computed_at": computed_at, "run_id": run_id}
+        )
         removals = {(self.order_table, d[:4], d) for d in remove_daily}
         removals |= {(self.category_table, c, d) for c, d in remove_category}
         if reconcile is not None:
@@ -214,24 +217,8 @@ class KpiTables:
         for table, pk, sk in removals - set(entries):
             entries[(table, pk, sk)] = _Entry(table, (pk, sk), None, "")
 
-        stored = self._stored_versions(list(entries.values()))
-        to_write: list[_Entry] = []
-        unchanged = stale = 0
-        for full_key, entry in entries.items():
-            old = stored.get(full_key)
-            if old is not None and old[0] > generation:
-                stale += 1
-            elif (old is not None and old[1] == entry.digest) or (old is None and entry.item is None):
-                unchanged += 1  # the same figures, or a removal of what is not there
-            else:
-                to_write.append(entry)
-
-        years = sorted({e.key[0] for e in to_write if e.table == self.order_table})
-        if years:
-            # Index first: a reader must never miss a year whose items exist.
-            self._add_years(years)
-        if to_write:
-            self._parallel(lambda chunk: self._write_batch(chunk, fence), chunks(to_write, BATCH_WRITE_MAX))
+        to_write, unchanged, stale = _triage(entries, self._stored_versions(list(entries.values())), generation)
+        self._write(to_write, fence)
         daily_written = sum(1 for e in to_write if e.table == self.order_table and e.item is not None)
         removed = sum(1 for e in to_write if e.item is None)
         return PublishStats(
@@ -242,6 +229,39 @@ class KpiTables:
             daily_written=daily_written,
             category_written=len(to_write) - removed - daily_written,
         )
+
+    def _write(self, to_write: list[_Entry], fence: Callable[[], None] | None) -> None:
+        """The years index, then the items, in batches on ``threads`` workers (``fence`` before each batch)."""
+        years = sorted({e.key[0] for e in to_write if e.table == self.order_table})
+        if years:
+            # Index first: a reader must never miss a year whose items exist.
+            self._add_years(years)
+        if to_write:
+            self._parallel(lambda chunk: self._write_batch(chunk, fence), chunks(to_write, BATCH_WRITE_MAX))
+
+    def _entries(
+        self, daily: Sequence[OrderKpi], category: Sequence[CategoryKpi], stamp: dict[str, int | str]
+    ) -> dict[tuple[str, str, str], _Entry]:
+        """The items to put, by (table, partition, sort), each with the ``stamp`` (generation, time, run) and its
+        digest; a key given twice, a malformed date or an empty category raises :class:`ValueError` before any
+        call."""
+        entries: dict[tuple[str, str, str], _Entry] = {}
+
+        def add(table: str, key: tuple[str, str], item: Item, digest: str) -> None:
+            if (table, *key) in entries:
+                raise ValueError(f"duplicate KPI key {key} for {table} in one publish")
+            item.update(encode({**stamp, "digest": digest}))
+            entries[(table, *key)] = _Entry(table, key, item, digest)
+
+        for d in daily:
+            _check_date(d.order_date, "order_date")
+            add(self.order_table, (d.order_date[:4], d.order_date), _order_item(d), _digest(d))
+        for c in category:
+            _check_date(c.order_date, "order_date")
+            if not c.category:
+                raise ValueError(f"empty category on {c.order_date}: DynamoDB keys cannot be empty")
+            add(self.category_table, (c.category, c.order_date), _category_item(c), _digest(c))
+        return entries
 
     def _extra_in_range(
         self, bounds: tuple[str, str], entries: dict[tuple[str, str, str], _Entry]
