@@ -7,8 +7,10 @@ The flow, in the order that keeps a failed deploy cheap:
 2. Docker (unless an image is given): checked before anything is created in the account;
 3. the image: ``docker build`` (``linux/amd64``, what the task definition runs), ``docker login`` with an ECR token,
    ``docker push``, tagged with the git commit;
-4. a change set of the rendered template (:func:`orchestration.template.render_template`): CREATE when the stack
-   does not exist, UPDATE otherwise. "No changes" ends the deploy successfully; the plan is shown before executing;
+4. a change set of the rendered template (:func:`orchestration.template.render_template`), sent inline or, when
+   it is bigger than CloudFormation takes inline, from the deploy bucket (:mod:`processor.aws.artifacts`): CREATE
+   when the stack does not exist, UPDATE otherwise. "No changes" ends the deploy successfully; the plan is shown
+   before executing;
 5. ``--dry-run`` stops here and deletes the change set (and the empty stack a CREATE change set leaves behind);
 6. execute, follow the stack's events until it settles, and return its outputs, or raise naming each failed
    resource and its reason.
@@ -30,8 +32,9 @@ from typing import Literal
 
 from orchestration.template import render_template
 from processor.aws import make_clients
+from processor.aws.artifacts import TemplateStore
 from processor.aws.clients import Clients, aws_call
-from processor.aws.cloudformation import Change, ChangeSets, Stacks, event_line
+from processor.aws.cloudformation import Change, ChangeSet, ChangeSets, Stacks, event_line
 from processor.aws.ecr import Registry
 from processor.errors import AccessDenied, AwsError, ConfigError, ShopKpiError
 from processor.settings import Settings
@@ -127,35 +130,53 @@ def deploy(
     if image is not None:
         given["ImageUri"] = image
 
-    body = render_template()
-    kept: list[str] = []
-    shown = dict(given)
-    if kind == "UPDATE":
-        # CloudFormation resets every parameter that is not passed to its default; a deploy that forgets
-        # --alert-email must not unsubscribe the alerts. Only values that differ from the default are kept, so an
-        # unchanged stack still yields an empty change set.
-        defaults = sets.template_defaults(body)
-        previous = stacks.parameters(stack)
-        kept = sorted(k for k in defaults if k not in given and k in previous and previous[k] != defaults[k])
-        shown.update({k: previous[k] for k in kept})
-
-    change_set, stack_id = sets.create(stack, body, given, kind=kind, keep_previous=kept)
-    made_stack = status is None
+    # inline when it fits CloudFormation's TemplateBody limit, else through the deploy bucket (TemplateURL)
+    template = TemplateStore(clients.s3, stack, account, clients.region).where(render_template())
+    kept = _kept_parameters(sets, stacks, stack, template, given) if kind == "UPDATE" else {}
+    change_set_id, stack_id = sets.create(stack, template, given, kind=kind, keep_previous=list(kept))
+    pending = _PendingChangeSet(sets, stacks, change_set_id, stack_id, made_stack=status is None)
     try:
-        computed = sets.wait(change_set, stack_id)
+        computed = sets.wait(change_set_id, stack_id)
     except BaseException:
-        _discard(sets, stacks, change_set, stack_id, made_stack)
+        pending.discard()
         raise
-    plan = Plan(stack, account, clients.region, kind, computed.changes, shown, tuple(kept), image)
+    plan = Plan(stack, account, clients.region, kind, computed.changes, {**given, **kept}, tuple(kept), image)
+    return _conclude(plan, computed, pending, dry_run=dry_run, progress=progress, on_plan=on_plan)
 
+
+def _kept_parameters(
+    sets: ChangeSets, stacks: Stacks, stack: str, template: Mapping[str, str], given: Mapping[str, str]
+) -> dict[str, str]:
+    """The deployed values an update keeps, by name (sorted): those not given that differ from their default.
+
+    CloudFormation resets every parameter that is not passed to its default; a deploy that forgets --alert-email
+    must not unsubscribe the alerts. Only values that differ from the default are kept, so an unchanged stack still
+    yields an empty change set.
+    """
+    defaults = sets.template_defaults(template)
+    previous = stacks.parameters(stack)
+    kept = sorted(k for k in defaults if k not in given and k in previous and previous[k] != defaults[k])
+    return {k: previous[k] for k in kept}
+
+
+def _conclude(
+    plan: Plan,
+    computed: ChangeSet,
+    pending: _PendingChangeSet,
+    *,
+    dry_run: bool,
+    progress: Callable[[str], None],
+    on_plan: Callable[[Plan], None] | None,
+) -> DeployResult:
+    """Steps 4-6 once the change set is computed: nothing to do, a failed change set, the dry run, or execute."""
+    stack = plan.stack
     if computed.no_change:
         # Whatever the change list says (moto lists phantom Modify entries), such a change set changes nothing.
-        plan = replace(plan, changes=())
-        sets.delete(change_set, stack_id)
+        pending.sets.delete(pending.change_set_id, pending.stack_id)
         progress(f"no changes: stack {stack} already matches the template and parameters; change set deleted")
-        return DeployResult(plan, "unchanged", stacks.outputs(stack))
+        return DeployResult(replace(plan, changes=()), "unchanged", pending.stacks.outputs(stack))
     if computed.status != "CREATE_COMPLETE":
-        _discard(sets, stacks, change_set, stack_id, made_stack)
+        pending.discard()
         raise AwsError(
             f"the change set for stack {stack} failed: {computed.reason or computed.status}",
             stack=stack,
@@ -164,16 +185,17 @@ def deploy(
 
     _show(plan, progress, on_plan)
     if dry_run:
-        _discard(sets, stacks, change_set, stack_id, made_stack)
+        pending.discard()
         progress("dry run: change set deleted, nothing was changed")
         return DeployResult(plan, "planned")
 
-    tail = stacks.events(stack_id)
-    sets.execute(change_set, stack_id)
-    progress(f"executing the change set ({kind.lower()}); following stack events")
-    final = stacks.wait(stack_id, STACK_TIMEOUT_S, tail=tail, progress=lambda e: progress(event_line(e)))
+    stacks = pending.stacks
+    tail = stacks.events(pending.stack_id)
+    pending.sets.execute(pending.change_set_id, pending.stack_id)
+    progress(f"executing the change set ({plan.kind.lower()}); following stack events")
+    final = stacks.wait(pending.stack_id, STACK_TIMEOUT_S, tail=tail, progress=lambda e: progress(event_line(e)))
     progress(f"stack {stack} is {final}")
-    return DeployResult(plan, "deployed", stacks.outputs(stack_id))
+    return DeployResult(plan, "deployed", stacks.outputs(pending.stack_id))
 
 
 # --- steps -----------------------------------------------------------------------------------------------------------
@@ -340,11 +362,21 @@ def _show(plan: Plan, progress: Callable[[str], None], on_plan: Callable[[Plan],
         progress(f"  {c.action:<7} {c.logical_id} {c.resource_type}{extra}")
 
 
-def _discard(sets: ChangeSets, stacks: Stacks, change_set: str, stack_id: str, made_stack: bool) -> None:
-    """Delete a change set that will not run, and the empty REVIEW_IN_PROGRESS stack it created; best effort, since
-    this runs while another error may be on its way out."""
-    with contextlib.suppress(ShopKpiError):
-        sets.delete(change_set, stack_id)
-    if made_stack:
+@dataclass(frozen=True)
+class _PendingChangeSet:
+    """A change set created and not yet executed, and whether creating it also created the (empty) stack."""
+
+    sets: ChangeSets
+    stacks: Stacks
+    change_set_id: str
+    stack_id: str
+    made_stack: bool
+
+    def discard(self) -> None:
+        """Delete the change set, and the empty REVIEW_IN_PROGRESS stack it created; best effort, since this runs
+        while another error may be on its way out."""
         with contextlib.suppress(ShopKpiError):
-            stacks.delete(stack_id)
+            self.sets.delete(self.change_set_id, self.stack_id)
+        if self.made_stack:
+            with contextlib.suppress(ShopKpiError):
+                self.stacks.delete(self.stack_id)

@@ -41,6 +41,8 @@ log = get_logger("landing")
 #: A file's report and rejected rows, the same keys in the bucket and in a local folder.
 REPORT = "reports/{file_id}/report.json"
 REJECTED_ROWS = "reports/{file_id}/rejected_rows.csv"
+#: Bytes per read of a streamed file.
+CHUNK = 8 << 20
 
 
 class Landing(Protocol):
@@ -49,6 +51,14 @@ class Landing(Protocol):
         ...
 
     def exists(self, source: str) -> bool: ...
+
+    def size(self, source: str) -> int:
+        """The file's size in bytes, as stored (compressed, for a ``.gz``)."""
+        ...
+
+    def chunks(self, source: str, start: int, end: int) -> Iterator[bytes]:
+        """Bytes ``start`` to ``end`` (exclusive) of the stored file, streamed in chunks (one ranged read)."""
+        ...
 
     def open(self, source: str) -> Any:
         """A context manager giving the file's bytes as a stream, gunzipped when the name ends in ``.gz``."""
@@ -91,6 +101,20 @@ class LocalLanding:
 
     def exists(self, source: str) -> bool:
         return Path(source).exists()
+
+    def size(self, source: str) -> int:
+        return Path(source).stat().st_size
+
+    def chunks(self, source: str, start: int, end: int) -> Iterator[bytes]:
+        with Path(source).open("rb") as f:
+            f.seek(start)
+            left = end - start
+            while left > 0:
+                data = f.read(min(left, CHUNK))
+                if not data:
+                    return
+                left -= len(data)
+                yield data
 
     @contextmanager
     def open(self, source: str) -> Iterator[IO[bytes]]:
@@ -140,9 +164,16 @@ class S3Landing:
     def exists(self, source: str) -> bool:
         return self.s3.exists(self.key(source))
 
+    def size(self, source: str) -> int:
+        return self.s3.head(self.key(source)).size
+
+    def chunks(self, source: str, start: int, end: int) -> Iterator[bytes]:
+        if end > start:
+            yield from self.s3.iter_chunks(self.key(source), CHUNK, start=start, end=end)
+
     @contextmanager
     def open(self, source: str) -> Iterator[IO[bytes]]:
-        raw: IO[bytes] = io.BufferedReader(_ChunkStream(self.s3.iter_chunks(self.key(source))), 8 << 20)
+        raw: IO[bytes] = io.BufferedReader(ChunkStream(self.s3.iter_chunks(self.key(source))), 8 << 20)
         stream: IO[bytes] = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")) if is_gzip(source) else raw
         try:
             yield stream
@@ -194,7 +225,7 @@ class S3Landing:
         return self.s3.uri(dest)
 
 
-class _ChunkStream(io.RawIOBase):
+class ChunkStream(io.RawIOBase):
     """A readable byte stream over an iterator of chunks (an S3 response body), for the streaming CSV reader."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:

@@ -67,6 +67,14 @@ class Settings:
     #: Kibibytes a CSV record may take; a longer one is a rejected row (``record_too_long``), skipped without ever
     #: being held whole, and so is the rest of a file behind an unclosed quote. Also bounds the header row.
     max_record_kb: int = field(default=1024, metadata={"env": "SHOPKPI_MAX_RECORD_KB"})
+    #: Mebibytes above which an uncompressed file is validated by parallel tasks, one per part (see
+    #: processor.split); below it one task reads the file whole. On Fargate each part costs a task start (30-60 s),
+    #: so splitting pays off only for files that take minutes to read.
+    split_mb: float = field(default=4096.0, metadata={"env": "SHOPKPI_SPLIT_MB"})
+    #: Mebibytes of a split file per part (at most SHOPKPI_MAX_PARTS parts: bigger parts beyond that).
+    part_mb: float = field(default=1024.0, metadata={"env": "SHOPKPI_PART_MB"})
+    #: Most parts one file is split into (and so most tasks validating one file at once).
+    max_parts: int = field(default=16, metadata={"env": "SHOPKPI_MAX_PARTS"})
     #: Staged rows (orders + items) the merge recomputes in one pass; bounds the merge's memory.
     merge_rows: int = field(default=1_000_000, metadata={"env": "SHOPKPI_MERGE_ROWS"})
     #: Local scratch directory (ECS ephemeral storage); large inputs are streamed to it, never held in memory.
@@ -111,6 +119,8 @@ class Settings:
             raise ConfigError("SHOPKPI_CHUNK_MB and SHOPKPI_MERGE_ROWS must be positive")
         if self.max_record_kb < 1:
             raise ConfigError(f"SHOPKPI_MAX_RECORD_KB must be positive, got {self.max_record_kb}")
+        if self.split_mb <= 0 or self.part_mb <= 0 or self.max_parts < 1:
+            raise ConfigError("SHOPKPI_SPLIT_MB and SHOPKPI_PART_MB must be positive, SHOPKPI_MAX_PARTS at least 1")
         if self.writer_threads < 1:
             raise ConfigError(f"SHOPKPI_WRITER_THREADS must be positive, got {self.writer_threads}")
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
@@ -123,8 +133,10 @@ def _convert(name: str, raw: str) -> Any:
             return parse_share(raw)
         if name in ("orphan_grace_s", "lock_ttl_s", "heartbeat_s", "task_deadline_s"):
             return parse_duration(raw)
-        if name in ("buckets", "chunk_mb", "max_record_kb", "merge_rows", "writer_threads"):
+        if name in ("buckets", "chunk_mb", "max_record_kb", "merge_rows", "writer_threads", "max_parts"):
             return int(raw)
+        if name in ("split_mb", "part_mb"):
+            return float(raw)
         if name == "work_dir":
             return Path(raw)
     except ValueError as e:

@@ -25,6 +25,7 @@ The landing bucket's layout is in :mod:`processor.landing`; ``incoming/<dataset>
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -43,14 +44,17 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import orjson
 
+from processor import split
+from processor.combine import PartOutput, combine
 from processor.errors import ConfigError, InternalError, LockBusy, NotFound, ShopKpiError
 from processor.landing import Landing, LocalLanding, S3Landing
 from processor.log import configure, context, get_logger
 from processor.merge import Publication, current_kpis, merge
-from processor.model import CategoryKpi, MergeResult, OrderKpi
+from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 from processor.pipeline import merge_local, segment_for, validate_stream
+from processor.schema import detect_dataset
 from processor.settings import Settings
-from processor.stage import Segment, commit_manifest, file_id_for, is_committed
+from processor.stage import Segment, commit_manifest, file_id_for, is_committed, segment_key
 from processor.store import LocalStore, S3StagingStore, Store
 
 if TYPE_CHECKING:
@@ -76,6 +80,8 @@ class Workspace:
     clients: Clients | None = None
     #: renews the merge lock's lease while a merge holds it (called with every heartbeat)
     lease: Callable[[], None] | None = field(default=None, repr=False)
+    #: lets go of what the task holds (the merge lock) when it stops itself, abandoned by Step Functions
+    on_abandon: Callable[[], object] | None = field(default=None, repr=False)
 
     @classmethod
     def local(cls, root: Path) -> Workspace:
@@ -138,26 +144,116 @@ def validate_event(event: LandedEvent, settings: Settings, ws: Workspace) -> dic
 
 def validate(source: str, settings: Settings, ws: Workspace) -> dict[str, Any]:
     """Stream one file through validation; upload its staged segment (not yet committed), its report and its
-    rejected rows; record the outcome in the ledger."""
+    rejected rows; record the outcome in the ledger. A big file is only planned here: the answer is ``split``, with
+    the byte ranges the workflow validates in parallel (``validate-part``) and then puts together (``combine``)."""
     file_id, arrival = ws.landing.identity(source)
     if is_committed(ws.staging, file_id):
         log.info("file.duplicate", file_id=file_id)
         return {"file_id": file_id, "source": source, "outcome": "accepted", "duplicate": True}
+    planned = split.plan(ws.landing, source, settings)
+    if planned is not None:
+        header_end, cuts = planned
+        parts = split.parts_of(header_end, cuts, ws.landing.size(source))
+        log.info("file.split", file_id=file_id, parts=len(parts))
+        plan = split.Split(
+            file_id=file_id, source=source, arrival=arrival.astimezone(UTC).isoformat(), header_end=header_end,
+            parts=parts,
+        )  # fmt: skip
+        return {"file_id": file_id, "source": source, "outcome": "split", "split": msgspec.to_builtins(plan)}
     with _scratch(settings, "validate") as tmp:
         # Streamed straight from S3 (gunzipped on the fly): the file never lands on disk, only its staged segment.
         with ws.landing.open(source) as stream:
             v = validate_stream(
                 stream, source=source, file_id=file_id, arrival=arrival, settings=settings, work_dir=tmp
             )
-        report = dict(v.report)
+        segment = None
         if v.output is not None:
-            seg = segment_for(v, arrival)
-            ws.staging.put_file(v.output.segment, seg.key)
-            report["segment"] = msgspec.structs.asdict(seg)
-        report = ws.landing.put_report(file_id, report, v.rejects_csv)
+            segment = (v.output.segment, segment_for(v, arrival))
+        return _keep(ws, settings, v.result, v.report, segment, v.rejects_csv)
+
+
+def _keep(
+    ws: Workspace,
+    settings: Settings,
+    result: ValidationResult,
+    report: dict[str, Any],
+    segment: tuple[Path, Segment] | None,
+    rejects: Path | None,
+) -> dict[str, Any]:
+    """Upload a file's staged segment (not yet committed), report and rejected rows; record its outcome."""
+    report = dict(report)
+    if segment is not None:
+        ws.staging.put_file(segment[0], segment[1].key)
+        report["segment"] = msgspec.structs.asdict(segment[1])
+    report = ws.landing.put_report(result.file_id, report, rejects)
     if ws.ledger is not None:
-        ws.ledger.record_file(v.result, settings.execution_id)
+        ws.ledger.record_file(result, settings.execution_id)
     return {k: report[k] for k in report if k != "samples"}
+
+
+def validate_part(job: split.PartJob, settings: Settings, ws: Workspace) -> dict[str, Any]:
+    """Validate one byte range of a split file (no invalid-row threshold: the combine step applies it to the
+    whole file) and leave what it found in the staging store for the combine step."""
+    file_id, _ = ws.landing.identity(job.source)
+    if file_id != job.file_id:
+        raise NotFound(f"{job.source} changed after it was split: its new version is validated on its own event")
+    stream = split.PartStream(ws.landing, job.source, job.header_end, job.part)
+    whole_file_rules_later = dataclasses.replace(settings, max_invalid_share=1.0)
+    with _scratch(settings, "validate") as tmp, stream.open() as body:
+        v = validate_stream(
+            body, source=job.source, file_id=file_id, arrival=datetime.fromisoformat(job.arrival),
+            settings=whole_file_rules_later, work_dir=tmp,
+        )  # fmt: skip
+        keys = {what: split.part_key(file_id, job.part.part, what) for what in ("parquet", "csv", "json")}
+        if v.output is not None:
+            ws.staging.put_file(v.output.segment, keys["parquet"])
+        if v.rejects_csv is not None and v.rejects_csv.exists():
+            ws.staging.put_file(v.rejects_csv, keys["csv"])
+        kept = split.PartKept(
+            report=v.report,
+            newlines=stream.newlines,
+            segment=keys["parquet"] if v.output is not None else None,
+            rejects=keys["csv"] if v.rejects_csv is not None and v.rejects_csv.exists() else None,
+        )
+        ws.staging.put_bytes(keys["json"], msgspec.json.encode(kept))
+    return {"file_id": file_id, "part": job.part.part, "rows": v.result.rows, "rejected_rows": v.result.rejected_rows}
+
+
+def combine_parts(plan: split.Split, settings: Settings, ws: Workspace) -> dict[str, Any]:
+    """The whole file's outcome from its parts' (see processor.combine); then as ``validate`` for a whole file."""
+    outputs = []
+    for part in plan.parts:
+        data = ws.staging.get_bytes(split.part_key(plan.file_id, part.part, "json"))
+        if data is None and (done_before := ws.landing.get_report(plan.file_id)) is not None:
+            # A retry of a combine step that finished (its report is the last thing it writes before the parts go)
+            return {k: done_before[k] for k in done_before if k != "samples"}
+        if data is None:
+            raise InternalError(f"part {part.part} of {plan.source} left no result: its task did not finish")
+        kept = msgspec.json.decode(data, type=split.PartKept)
+        outputs.append(
+            PartOutput(
+                report=kept.report,
+                newlines=kept.newlines,
+                segment=ws.staging.local_path(kept.segment) if kept.segment else None,
+                rejects=ws.staging.local_path(kept.rejects) if kept.rejects else None,
+            )
+        )
+    with _scratch(settings, "validate") as tmp:
+        done = combine(plan, outputs, detect_dataset(plan.source), settings.max_invalid_share, tmp)
+        segment = None
+        if done.segment is not None and done.result.dataset is not None:
+            arrival = datetime.fromisoformat(plan.arrival)
+            seg = Segment(
+                file_id=plan.file_id, dataset=done.result.dataset, source=done.result.source,
+                arrival_us=int(arrival.timestamp() * 1_000_000), rows=done.result.valid_rows, buckets=done.buckets,
+                key=segment_key(done.result.dataset, plan.file_id),
+            )  # fmt: skip
+            segment = (done.segment, seg)
+        answer = _keep(ws, settings, done.result, done.report, segment, done.rejects)
+    for part in plan.parts:  # their successors (segment, report, rejected rows) are written: now they can go
+        for what in ("parquet", "csv", "json"):
+            ws.staging.delete(split.part_key(plan.file_id, part.part, what))
+    return answer
 
 
 # --- transform / quarantine ----------------------------------------------------------------------------------
@@ -205,8 +301,12 @@ def run_merge(settings: Settings, ws: Workspace, force: tuple[str, str] | None) 
     except LockBusy:
         # Another merge runs. A plain merge (not a reprocess, whose dates are its own) hands its work over: its files
         # are committed, and the running merge merges again before it lets go of the lock. So a burst of executions
-        # does not queue on the lock (and fail once its retries run out) for work one merge does.
-        holder = lock.hand_over(owner) if force is None else None
+        # does not queue on the lock (and fail once its retries run out) for work one merge does. Never to an
+        # attempt of this same execution: that is this state's earlier attempt, which timed out and is stopping
+        # (it lets go of the lock as it stops), so wait for the lock (LockBusy is retried) and merge here.
+        running = lock.holder()
+        own = running is not None and running.owner.split("/", 1)[0] == settings.execution_id
+        holder = lock.hand_over(owner) if force is None and not own else None
         if holder is None:
             raise
         log.info("merge.handed_over", holder=holder)
@@ -215,13 +315,14 @@ def run_merge(settings: Settings, ws: Workspace, force: tuple[str, str] | None) 
     # The lease is renewed with every heartbeat, so a long merge keeps it; a merge that lost it stops before its
     # next write (fence) and never moves the head.
     ws.lease = lambda: lock.renew(owner, generation, settings.lock_ttl_s)
+    ws.on_abandon = lambda: lock.release(owner, generation)
     try:
         result, rounds = _merge_rounds(settings, ws, ws.kpis, lock, owner, generation, force)
         summary = {**msgspec.structs.asdict(result), "rounds": rounds}
         ws.ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
         return summary
     finally:
-        ws.lease = None
+        ws.lease = ws.on_abandon = None
         lock.release(owner, generation)
 
 
@@ -380,6 +481,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: msgspec.json.decode(text, type=LandedEvent),
         help='the landed file as the workflow passes it: {"bucket", "key" (URL-encoded as in S3 events), "etag"}',
     )
+    vp = sub.add_parser(
+        "validate-part", parents=[common], help="validate one byte range of a big file (after validate split it)"
+    )
+    vp.add_argument(
+        "job",
+        type=lambda text: msgspec.json.decode(text, type=split.PartJob),
+        help='JSON: {"file_id", "source", "arrival", "header_end", "part": {"part", "start", "end"}}',
+    )
+    c = sub.add_parser("combine", parents=[common], help="the whole file's validation result from its parts'")
+    c.add_argument(
+        "split",
+        type=lambda text: msgspec.json.decode(text, type=split.Split),
+        help="JSON: the split as validate answered it",
+    )
     t = sub.add_parser(
         "transform", parents=[common], help="commit an accepted file's staged segment and archive the original"
     )
@@ -421,7 +536,7 @@ def _heartbeat(ws: Workspace, callback: Callback | None, settings: Settings) -> 
                     alive = True
                 if not alive:
                     log.error("task.abandoned", message="Step Functions no longer waits for this task: stopping")
-                    os._exit(EXIT_ABANDONED)
+                    _abandon(ws)
             renew = ws.lease
             if renew is not None:
                 try:
@@ -433,7 +548,7 @@ def _heartbeat(ws: Workspace, callback: Callback | None, settings: Settings) -> 
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.error("task.deadline", seconds=settings.task_deadline_s, message="deadline passed: stopping")
-                    os._exit(EXIT_ABANDONED)
+                    _abandon(ws)
                 wait = min(wait, left)
             if stop.wait(wait):
                 return
@@ -450,11 +565,22 @@ def _heartbeat(ws: Workspace, callback: Callback | None, settings: Settings) -> 
 EXIT_ABANDONED = 3
 
 
+def _abandon(ws: Workspace) -> None:
+    """Stop the process at once, after letting go of the merge lock if it holds it: the state's retry (another
+    attempt of this execution) is waiting for it, and would otherwise wait out the lease."""
+    if ws.on_abandon is not None:
+        try:
+            ws.on_abandon()
+        except Exception as e:  # stopping matters more; the lease still expires
+            log.warning("task.release_failed", error=str(e))
+    os._exit(EXIT_ABANDONED)
+
+
 def _workspace(args: argparse.Namespace, settings: Settings) -> Workspace:
     """The landing bucket and the stack's tables for an s3:// source, an event, or a step with no ``--staging``;
     else local files with ``--staging`` (default ./shopkpi-staging) as their staging directory."""
     local = Path(args.staging) if args.staging else None
-    remote = args.command in ("merge", "transform", "quarantine") and local is None
+    remote = args.command in ("merge", "transform", "quarantine", "validate-part", "combine") and local is None
     if str(getattr(args, "source", "")).startswith("s3://") or getattr(args, "event", None) or remote:
         return Workspace.aws(settings)
     return Workspace.local(local or Path("shopkpi-staging"))
@@ -463,6 +589,10 @@ def _workspace(args: argparse.Namespace, settings: Settings) -> Workspace:
 def _run(args: argparse.Namespace, settings: Settings, ws: Workspace) -> dict[str, Any]:
     if args.command == "validate":
         return validate_event(args.event, settings, ws) if args.event else validate(args.source, settings, ws)
+    if args.command == "validate-part":
+        return validate_part(args.job, settings, ws)
+    if args.command == "combine":
+        return combine_parts(args.split, settings, ws)
     if args.command == "transform":
         return transform(args.file_id, ws)
     if args.command == "quarantine":
@@ -470,13 +600,20 @@ def _run(args: argparse.Namespace, settings: Settings, ws: Workspace) -> dict[st
     return run_merge(settings, ws, (args.date_from, args.date_to) if args.date_from else None)
 
 
+def _source_of(args: argparse.Namespace) -> str | None:
+    """The file a task works on, for its log lines."""
+    for name in ("event", "job", "split"):
+        if getattr(args, name, None) is not None:
+            return str(getattr(args, name).source)
+    return getattr(args, "source", None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.load()
     configure(settings.log_level)
     callback: Callback | None = None
-    event = getattr(args, "event", None)
-    source = event.source if event is not None else getattr(args, "source", None)
+    source = _source_of(args)
     with context(execution=settings.execution_id, stage=args.command, file=source):
         try:
             ws = _workspace(args, settings)

@@ -249,10 +249,11 @@ class ChangeSets:
         self.poll_s = poll_s
         self.sleep = sleep
 
-    def template_defaults(self, body: str) -> dict[str, str | None]:
-        """The template's parameters and their defaults (None: no default), as CloudFormation parses them."""
+    def template_defaults(self, template: Mapping[str, str]) -> dict[str, str | None]:
+        """The template's parameters and their defaults (None: no default), as CloudFormation parses them.
+        ``template`` is ``{"TemplateBody": ...}`` or ``{"TemplateURL": ...}`` (see processor.aws.artifacts)."""
         with aws_call("cloudformation.get_template_summary"):
-            summary = self.client.get_template_summary(TemplateBody=body)
+            summary = self.client.get_template_summary(**template)
         return {
             p["ParameterKey"]: (None if p.get("DefaultValue") is None else str(p["DefaultValue"]))
             for p in summary.get("Parameters", [])
@@ -261,15 +262,16 @@ class ChangeSets:
     def create(
         self,
         stack: str,
-        body: str,
+        template: Mapping[str, str],
         parameters: Mapping[str, str],
         *,
         kind: str,
         keep_previous: Collection[str] = (),
         description: str = "shopkpi deploy",
     ) -> tuple[str, str]:
-        """Start creating a change set; return (change set id, stack id). ``keep_previous`` parameters keep the
-        stack's current values (UsePreviousValue, so NoEcho values need not be known)."""
+        """Start creating a change set of ``template`` (``{"TemplateBody": ...}`` or ``{"TemplateURL": ...}``);
+        return (change set id, stack id). ``keep_previous`` parameters keep the stack's current values
+        (UsePreviousValue, so NoEcho values need not be known)."""
         if kind not in ("CREATE", "UPDATE"):
             raise ValueError(f"change set type must be CREATE or UPDATE, not {kind!r}")
         name = f"shopkpi-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
@@ -280,7 +282,7 @@ class ChangeSets:
                 StackName=stack,
                 ChangeSetName=name,
                 ChangeSetType=kind,
-                TemplateBody=body,
+                **template,
                 Parameters=params,
                 Capabilities=_CAPABILITIES,
                 Description=description,

@@ -124,10 +124,15 @@ class S3Store:
         with aws_call("s3.upload", bucket=self.bucket, key=key, path=str(path)):
             self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra, Config=self._transfer)
 
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """The body of ``key`` as a stream of chunks of at most ``chunk_size`` bytes."""
+    def iter_chunks(
+        self, key: str, chunk_size: int = CHUNK_SIZE, *, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
+        """The body of ``key`` (or its bytes ``start`` to ``end``, exclusive) as chunks of at most ``chunk_size``."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if start or end is not None:
+            args["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         with aws_call("s3.get_object", bucket=self.bucket, key=key):
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            body = self.client.get_object(**args)["Body"]
             try:
                 yield from body.iter_chunks(chunk_size)
             finally:

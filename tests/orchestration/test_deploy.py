@@ -33,6 +33,7 @@ from moto.cloudformation.models import CloudFormationBackend, Event, Stack
 
 from orchestration.deploy import NO_CREDENTIALS, NO_DOCKER, DeployResult, deploy
 from orchestration.template import render_template
+from processor.aws.artifacts import TEMPLATE_BODY_LIMIT
 from processor.aws.cloudformation import EventTail, StackOutputs, failure_message
 from processor.errors import AwsError, ConfigError
 from processor.settings import Settings
@@ -133,7 +134,20 @@ def test_dry_run_on_a_fresh_account_plans_a_create_and_leaves_nothing(
     statuses = [s["StackStatus"] for s in cfn().list_stacks()["StackSummaries"] if s["StackName"] == STACK]
     assert statuses == ["DELETE_COMPLETE"]
     assert boto3.client("ecr", region_name="us-east-1").describe_repositories()["repositories"] == []
-    assert boto3.client("s3", region_name="us-east-1").list_buckets()["Buckets"] == []
+    # only the deploy bucket, whose template the change set was computed from (bigger than an inline TemplateBody)
+    buckets = [b["Name"] for b in boto3.client("s3", region_name="us-east-1").list_buckets()["Buckets"]]
+    assert buckets == ["shopkpi-deploy-123456789012-us-east-1"]
+
+
+def test_a_template_too_big_to_send_inline_is_deployed_from_the_deploy_bucket(settings: Settings) -> None:
+    assert len(render_template().encode()) > TEMPLATE_BODY_LIMIT  # else this test has nothing to show
+    result, _ = run(settings)
+    assert result.status == "deployed"
+    s3 = boto3.client("s3", region_name="us-east-1")
+    [kept] = s3.list_objects_v2(Bucket="shopkpi-deploy-123456789012-us-east-1")["Contents"]
+    body = s3.get_object(Bucket="shopkpi-deploy-123456789012-us-east-1", Key=kept["Key"])["Body"].read()
+    assert body.decode() == render_template()
+    assert cfn().get_template(StackName=STACK)["TemplateBody"] == render_template()
 
 
 def test_deploy_creates_the_stack_and_returns_its_outputs(settings: Settings) -> None:

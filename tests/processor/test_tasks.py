@@ -152,6 +152,17 @@ def test_a_merge_that_finds_another_running_hands_its_files_over_and_succeeds(
     assert lock.release("other-run", generation, unless_pending=True)
 
 
+def test_a_merge_retried_while_its_own_timed_out_attempt_holds_the_lock_waits_instead_of_handing_over(
+    stack: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The earlier attempt of this state is stopping (its token is dead): handing over to it would lose the delivery.
+    lock = MergeLock(make_clients(stack).dynamodb, stack.ledger_table)
+    generation = lock.acquire(f"{stack.execution_id}/0a1b2c3d", 600)
+    code, result = task(capsys, "merge")
+    assert code == 1 and result["error"]["code"] == "ShopKpi.LockBusy"  # type: ignore[index]  # retried, later
+    assert not lock.take_pending(f"{stack.execution_id}/0a1b2c3d", generation)  # nothing was handed over
+
+
 def test_the_running_merge_merges_again_what_was_handed_over_while_it_ran(
     stack: Settings, write_csv: WriteCsv, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -301,9 +312,12 @@ def test_a_task_whose_token_is_dead_stops_itself(
         exited.set()
 
     monkeypatch.setattr(tasks.os, "_exit", fake_exit)
-    with tasks._heartbeat(tasks.Workspace.local(tmp_path), Callback(callback, "token-1"), stack):
+    ws = tasks.Workspace.local(tmp_path)
+    released: list[int] = []
+    ws.on_abandon = lambda: released.append(len(codes))  # a merge lets go of its lock before it stops
+    with tasks._heartbeat(ws, Callback(callback, "token-1"), stack):
         assert exited.wait(10), "the task kept working for a token nobody waits on"
-    assert codes == [tasks.EXIT_ABANDONED]
+    assert codes == [tasks.EXIT_ABANDONED] and released[:1] == [0]
     assert callback.calls[0][0] == "heartbeat"  # the first beat goes at once, not after a heartbeat interval
 
 

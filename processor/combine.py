@@ -1,0 +1,217 @@
+"""The last step of a split file's validation: the parts' outputs -> the one result of the whole file.
+
+Pure over local files (what the parts staged, downloaded), so the same code serves the ECS task and the tests.
+See :mod:`processor.split` for why the result is exactly the one of the file read whole.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from processor.errors import FileRejected, Reason
+from processor.ingest import SAMPLES_PER_REASON
+from processor.model import ValidationResult
+from processor.schema import BUCKET, Dataset
+from processor.split import Split, first_samples, line_shifts
+from processor.validate import LINE, REASON, as_rejects
+
+#: Keys looked at per pass when finding keys repeated across parts (bounds the combine step's memory).
+KEYS_PER_PASS = 4_000_000
+
+
+@dataclass
+class PartOutput:
+    """What one part's validation left: its report, the newlines of its own bytes, its files (local copies)."""
+
+    report: dict[str, Any]
+    newlines: int
+    segment: Path | None  # staged valid rows (Parquet, with _line and _b)
+    rejects: Path | None  # rejected rows (CSV)
+
+
+@dataclass
+class Combined:
+    result: ValidationResult
+    report: dict[str, Any]
+    segment: Path | None  # the file's staged rows (accepted files)
+    rejects: Path | None  # the file's rejected rows
+    buckets: list[int]
+
+
+def combine(
+    split: Split, parts: list[PartOutput], dataset: Dataset | None, max_invalid_share: float, work: Path
+) -> Combined:
+    """One outcome, report, rejected-rows file and staged segment for the whole file, from its parts'."""
+    started = time.perf_counter()
+    first = parts[0].report
+    if dataset is None or (first["outcome"] == "rejected" and first.get("reason") != str(Reason.EMPTY_FILE)):
+        # A rule of the header (or the name): every part found it, the first part read the real header line.
+        return Combined(msgspec.convert(_result_fields(first), ValidationResult), first, None, parts[0].rejects, [])
+    work.mkdir(parents=True, exist_ok=True)
+    shifts = line_shifts(split, [p.newlines for p in parts])
+    drops = _repeated_across_parts(parts, dataset.key)
+    rejects = work / "rejected_rows.csv"
+    segment = work / "segment.parquet"
+    repeated: list[pl.DataFrame] = []
+    buckets = _write_segment(parts, shifts, drops, segment, lambda removed: repeated.append(removed))
+    duplicates = (
+        as_rejects(pl.concat(repeated).drop(BUCKET), dataset, Reason.DUPLICATE_KEY, dataset.key)
+        if repeated
+        else None
+    )
+    _write_rejects(parts, shifts, duplicates, rejects)
+
+    counts: Counter[str] = Counter()
+    for p in parts:
+        counts.update(p.report.get("rejects_by_reason", {}))
+    rows = sum(int(p.report.get("rows", 0)) for p in parts)
+    valid = sum(int(p.report.get("valid_rows", 0)) for p in parts)
+    samples = first_samples([p.report.get("samples", []) for p in parts], shifts, SAMPLES_PER_REASON)
+    if duplicates is not None:
+        counts[str(Reason.DUPLICATE_KEY)] += duplicates.height
+        valid -= duplicates.height
+        samples = _with_duplicate_samples(samples, duplicates)
+    context: dict[str, Any] = {"rows": rows, "valid_rows": valid, "rejects_by_reason": dict(sorted(counts.items()))}
+    base = {k: first[k] for k in ("file_id", "source", "dataset", "arrival")}
+    seconds = round(sum(float(p.report.get("seconds", 0.0)) for p in parts) + time.perf_counter() - started, 3)
+    error: FileRejected | None = None
+    if rows == 0:
+        error = FileRejected(Reason.EMPTY_FILE, "the file has a header but no data rows", **context)
+    elif (rows - valid) / rows > max_invalid_share:
+        message = too_many_invalid_message(rows - valid, rows, max_invalid_share)
+        error = FileRejected(Reason.TOO_MANY_INVALID, message, samples=samples, **context)
+    if error is not None:
+        result = ValidationResult(
+            **base, outcome="rejected", reason=str(error.reason), message=error.message,
+            rows=rows, valid_rows=valid, rejected_rows=rows - valid, rejects_by_reason=context["rejects_by_reason"],
+            seconds=seconds,
+        )  # fmt: skip
+        report = {**msgspec.structs.asdict(result), "error": error.to_dict()}
+        return Combined(result, report, None, rejects, [])
+    result = ValidationResult(
+        **base, outcome="accepted", rows=rows, valid_rows=valid, rejected_rows=rows - valid,
+        rejects_by_reason=context["rejects_by_reason"], seconds=seconds,
+    )  # fmt: skip
+    report = {
+        **msgspec.structs.asdict(result),
+        "buckets": buckets,
+        "samples": samples,
+        "warnings": first.get("warnings", []),
+        "timings": {"parts": len(parts), "combine": round(time.perf_counter() - started, 3)},
+    }
+    return Combined(result, report, segment, rejects, buckets)
+
+
+def _result_fields(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k in ValidationResult.__struct_fields__}
+
+
+def _repeated_across_parts(parts: list[PartOutput], key: str) -> list[np.ndarray]:
+    """Per part, the (part's own) lines of the rows whose key an earlier part already holds, sorted.
+
+    A part holds each key once (it dropped its own repeats), so a key in several parts is kept in the first of
+    them. Read in passes over the key's residues, the key and line columns only, so memory stays bounded."""
+    scans = [
+        pl.scan_parquet(p.segment, glob=False).select(pl.col(key), pl.col(LINE), pl.lit(i, pl.Int32).alias("_part"))
+        for i, p in enumerate(parts)
+        if p.segment is not None
+    ]
+    drops: list[list[np.ndarray]] = [[] for _ in parts]
+    if len(scans) < 2:
+        return [np.array([], dtype=np.int64) for _ in parts]
+    total = sum(int(p.report.get("valid_rows", 0)) for p in parts)
+    passes = max(1, math.ceil(total / KEYS_PER_PASS))
+    for n in range(passes):
+        keys = pl.concat(scans)
+        if passes > 1:
+            keys = keys.filter(pl.col(key) % passes == n)
+        later = (
+            keys.filter(pl.col(key).is_duplicated())
+            .filter(pl.col("_part") != pl.col("_part").min().over(key))
+            .select("_part", LINE)
+            .collect()
+        )
+        for (i,), group in later.group_by("_part"):
+            drops[int(i)].append(group.get_column(LINE).to_numpy())  # type: ignore[call-overload]
+    return [np.sort(np.concatenate(d)) if d else np.array([], dtype=np.int64) for d in drops]
+
+
+def _write_segment(
+    parts: list[PartOutput],
+    shifts: list[int],
+    drops: list[np.ndarray],
+    out: Path,
+    removed: Callable[[pl.DataFrame], None],
+) -> list[int]:
+    """The parts' staged rows, in order, as one segment with the file's line numbers, without the rows repeated
+    across parts (those go to ``removed``). Row group by row group: memory holds one. Returns the buckets."""
+    writer: pq.ParquetWriter | None = None
+    bucket_rows: Counter[int] = Counter()
+    for p, shift, drop in zip(parts, shifts, drops, strict=True):
+        if p.segment is None:
+            continue
+        source = pq.ParquetFile(p.segment)
+        if writer is None:
+            writer = pq.ParquetWriter(
+                out, source.schema_arrow, compression="lz4", use_dictionary=False, write_statistics=[BUCKET, LINE]
+            )
+        for g in range(source.num_row_groups):
+            group = pl.from_arrow(source.read_row_group(g))
+            assert isinstance(group, pl.DataFrame)
+            if drop.size:
+                hit = group.get_column(LINE).is_in(pl.Series(drop).implode())
+                if hit.any():
+                    removed(group.filter(hit).with_columns(pl.col(LINE) + shift))
+                    group = group.filter(~hit)
+            group = group.with_columns(pl.col(LINE) + shift)
+            bucket_rows.update(dict(group.get_column(BUCKET).value_counts().iter_rows()))
+            if group.height:
+                writer.write_table(group.to_arrow().cast(source.schema_arrow), row_group_size=group.height)
+        source.close()
+    if writer is not None:
+        writer.close()
+    return sorted(b for b, n in bucket_rows.items() if n > 0)
+
+
+def _write_rejects(parts: list[PartOutput], shifts: list[int], duplicates: pl.DataFrame | None, out: Path) -> None:
+    """The parts' rejected rows with the file's line numbers, then the rows repeated across parts."""
+    with out.open("wb") as f:
+        header = True
+        for p, shift in zip(parts, shifts, strict=True):
+            if p.rejects is None:
+                continue
+            for batch in _csv_batches(p.rejects):
+                batch = batch.with_columns((pl.col(LINE).cast(pl.Int64) + shift).cast(pl.String))
+                batch.write_csv(f, include_header=header)
+                header = False
+        if duplicates is not None:
+            duplicates.write_csv(f, include_header=header)
+
+
+def _csv_batches(path: Path) -> Iterator[pl.DataFrame]:
+    """A part's rejected rows in batches (every column as text: they are written back as they were read)."""
+    yield from pl.scan_csv(path, infer_schema=False).collect_batches()
+
+
+def too_many_invalid_message(invalid: int, rows: int, limit: float) -> str:
+    return f"{invalid} of {rows} rows invalid ({invalid / rows:.1%}), above the limit of {limit:.1%}"
+
+
+def _with_duplicate_samples(samples: list[dict[str, Any]], duplicates: pl.DataFrame) -> list[dict[str, Any]]:
+    have = sum(1 for s in samples if s[REASON] == str(Reason.DUPLICATE_KEY))
+    extra = [
+        {k: v for k, v in row.items() if k != "_raw" or v is not None}
+        for row in duplicates.sort(LINE).head(max(0, SAMPLES_PER_REASON - have)).iter_rows(named=True)
+    ]
+    return samples + extra
