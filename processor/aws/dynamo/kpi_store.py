@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import msgspec
@@ -266,12 +267,16 @@ class KpiTables:
     def _extra_in_range(
         self, bounds: tuple[str, str], entries: dict[tuple[str, str, str], _Entry]
     ) -> set[tuple[str, str, str]]:
-        """Stored items of the inclusive date range that ``entries`` does not hold."""
+        """Stored items of the inclusive date range that ``entries`` does not hold.
+
+        Every date of the range is looked up in the category table (a query of its date index each), not only
+        the dates with an order item: a category item left on a date whose order item is gone must go too."""
         date_from, date_to = bounds
         stored_days = [k.order_date for k in self.daily(date_from, date_to)]
-        days = set(stored_days) | {k[2] for k in entries if k[0] == self.order_table}
         out = {(self.order_table, d[:4], d) for d in stored_days}
-        for cats in self._parallel(self._categories_of, sorted(days)):
+        first, last = date.fromisoformat(date_from), date.fromisoformat(date_to)
+        days = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+        for cats in self._parallel(self._categories_of, days):
             out |= {(self.category_table, c.category, c.order_date) for c in cats}
         return out - set(entries)
 

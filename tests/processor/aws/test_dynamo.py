@@ -246,6 +246,18 @@ def test_unchanged_kpis_are_skipped_and_keep_their_computed_at(ddb: Any, names: 
     )
 
 
+def test_a_reprocess_removes_a_category_item_left_on_a_date_without_an_order_item(kpis: KpiTables) -> None:
+    # A category item whose date has no order item (left by a crash between writes, or by an older version) is
+    # found by the reprocess of its range and removed, like any stored item the range no longer has.
+    kpis.publish([order_kpi("2025-01-02")], [category_kpi("Jeans", "2025-01-03")], generation=1, computed_at="t",
+                 run_id="r")  # fmt: skip
+    stats = kpis.publish(
+        [order_kpi("2025-01-02")], [], generation=2, computed_at="t", run_id="r", reconcile=("2025-01-01", "2025-01-31")
+    )
+    assert stats.removed == 1 and kpis.category(None, "2025-01-01", "2025-01-31") == []
+    assert [k.order_date for k in kpis.daily("2025-01-01", "2025-01-31")] == ["2025-01-02"]
+
+
 def test_duplicate_keys_in_one_publish_are_refused(kpis: KpiTables) -> None:
     with pytest.raises(ValueError, match="duplicate"):
         kpis.publish([order_kpi("2025-03-30"), order_kpi("2025-03-30")], [], 1, "t", "r")
