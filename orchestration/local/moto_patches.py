@@ -32,6 +32,7 @@ the evidence in moto and when to remove it):
 ``states_all_catches_uncatchable``         ``States.ALL`` skips ``States.DataLimitExceeded`` and
                                            ``States.Runtime``, as on AWS
 ``integrations_call_port_5000``            moto's own integrations (sns, sqs, aws-sdk...) call *this* server
+``multipart_upload_notifies_twice``        a multipart upload sends one "object created" event, as on AWS
 =========================================  ========================================================================
 """
 
@@ -420,6 +421,51 @@ def integrations_call_port_5000(patches: MotoPatches) -> list[Replacement]:
     return [(boto_client, "moto_server_port", moto_server_port)]
 
 
+def multipart_upload_notifies_twice(patches: MotoPatches) -> list[Replacement]:
+    """A multipart upload sends two "object created" events.
+
+    Verified on moto 5.2.1: ``S3Backend.complete_multipart_upload`` (``s3/models.py``) stores the object with
+    ``put_object``, which sends ``ObjectCreated:Put``, then sends ``ObjectCreated:CompleteMultipartUpload`` itself;
+    AWS sends only the second. Every file above boto3's multipart threshold (16 MiB for our uploads) was validated
+    and transformed twice on the embedded stack (harmless for the KPIs, a file id being its ETag, but twice the work,
+    and the two transforms raced to archive it). The replacement stores the object without a notification and
+    keeps the rest of moto's steps. Remove when moto sends one event.
+
+    Evidence: the row of this name in ``MOTO_NOTES.md#patched-in-the-execution-engine-moto_patchespy``.
+    """
+    from moto.s3 import notifications
+    from moto.s3.models import FakeKey, S3Backend
+
+    def complete_multipart_upload(
+        self: S3Backend, bucket_name: str, multipart_id: str, body: Any
+    ) -> FakeKey | None:
+        bucket = self.get_bucket(bucket_name)
+        multipart = bucket.multiparts[multipart_id]
+        value, etag, checksum_details = multipart.complete(body)
+        if value is None:
+            return None
+        del bucket.multiparts[multipart_id]
+        key = self.put_object(
+            bucket_name, multipart.key_name, value, storage=multipart.storage, etag=etag, multipart=multipart,
+            encryption=multipart.sse_encryption, kms_key_id=multipart.kms_key_id, disable_notification=True,
+        )  # fmt: skip
+        key.set_metadata(multipart.metadata)
+        if checksum_details:
+            key.checksum_algorithm = multipart.metadata.get("x-amz-checksum-algorithm")
+            key.checksum_type, key.checksum_value, key.checksum_parts = checksum_details
+        self.put_object_tagging(key, multipart.tags)
+        self.put_object_acl(bucket_name=bucket_name, key_name=key.name, acl=multipart.acl, disable_notification=True)
+        notifications.send_event(
+            self.account_id,
+            notifications.S3NotificationEvent.OBJECT_CREATED_COMPLETE_MULTIPART_UPLOAD_EVENT,
+            bucket,
+            bucket.keys.get(multipart.key_name),
+        )
+        return key
+
+    return [(S3Backend, "complete_multipart_upload", complete_multipart_upload)]
+
+
 #: Every patch, in installation order; each function's name is the gap's name in ``MOTO_NOTES.md``.
 PATCHES: tuple[Patch, ...] = (
     ecs_run_task_cannot_run,
@@ -430,4 +476,5 @@ PATCHES: tuple[Patch, ...] = (
     nested_states_error_becomes_runtime,
     states_all_catches_uncatchable,
     integrations_call_port_5000,
+    multipart_upload_notifies_twice,
 )

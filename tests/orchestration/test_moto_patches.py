@@ -426,3 +426,29 @@ def test_a_second_patch_set_is_refused_while_one_is_installed() -> None:
         assert first.installed
     with MotoPatches(lambda parameters: None) as second:  # free again once the first is uninstalled
         assert second.installed
+
+
+def test_a_multipart_upload_sends_one_object_created_event(
+    stack: Stack, patch_moto: PatchMoto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the 2 GB load test: without the patch each file above the multipart threshold was processed twice.
+    from boto3.s3.transfer import TransferConfig
+    from moto.s3 import notifications
+
+    patch_moto(lambda parameters: None)
+    sent: list[str] = []
+    original = notifications.send_event
+
+    def send_event(account_id: str, event_name: Any, bucket: Any, key: Any) -> None:
+        sent.append(str(event_name))
+        original(account_id, event_name, bucket, key)
+
+    monkeypatch.setattr(notifications, "send_event", send_event)
+    s3 = stack.client("s3")
+    bucket = f"mp-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"x" * (6 << 20))
+    s3.upload_file(str(big), bucket, "incoming/big.csv", Config=TransferConfig(multipart_threshold=5 << 20))
+    created = [e for e in sent if "OBJECT_CREATED" in e]  # moto's names (ObjectCreated:... on the wire)
+    assert created == ["S3NotificationEvent.OBJECT_CREATED_COMPLETE_MULTIPART_UPLOAD_EVENT"], sent
