@@ -51,9 +51,11 @@ process *args:
 generate dir size_gb="0.5":
     python -m loadgen.generate {{dir}} --size-gb {{size_gb}} --days 30 --seed 1
 
-# multi-GB benchmark: shopkpi process vs bare polars parse vs DuckDB, with peak memory (see docs/performance.md)
-loadtest size_gb="2":
-    python -m perf.compare --size-gb {{size_gb}}
+# load test of the pipeline: a generated multi-GB shop lands on the embedded stack as producers would; throughput,
+# latency, memory, every KPI checked against DuckDB; JSON + HTML report (see docs/loadtest.md). `--compare`: the
+# single-process comparison (shopkpi process vs bare polars parse vs DuckDB, docs/performance.md)
+loadtest *args:
+    python -m shopkpi.loadtest "$@"
 
 # soak test of the pipeline: N files land at once on the embedded stack (repeats and bad files among them); checks
 # that every file ended archived or rejected, the ledger agrees and the KPIs are exact (see docs/operations.md)
@@ -64,6 +66,8 @@ soak *args:
 bench-incremental *sizes:
     python -m perf.incremental --sizes {{ if sizes == "" { "0 0.5 2" } else { sizes } }}
 
-# pytest-benchmark regression suite on a generated data set (not part of `test`)
+# benchmark gate (not part of `test`): run perf/test_benchmarks.py, save it under .benchmarks/gate/, print medians
+# and ratios to the calibration; --check fails (exit 1) on a regression against perf/baseline.json (--threshold PCT),
+# --update-baseline rewrites it (see docs/performance.md#benchmark-gate)
 bench *args:
-    python -m pytest perf --benchmark-enable --benchmark-only "$@"
+    python -m perf.gate "$@"
