@@ -52,7 +52,8 @@ class Combined:
 def combine(
     split: Split, parts: list[PartOutput], dataset: Dataset | None, max_invalid_share: float, work: Path
 ) -> Combined:
-    """One outcome, report, rejected-rows file and staged segment for the whole file, from its parts'."""
+    """One outcome, report, rejected-rows file and staged segment for the whole file, from its parts': the rows
+    put together (keys repeated across parts rejected, line numbers the file's), then the totals judged."""
     started = time.perf_counter()
     first = parts[0].report
     if dataset is None or (first["outcome"] == "rejected" and first.get("reason") != str(Reason.EMPTY_FILE)):
@@ -61,56 +62,67 @@ def combine(
     work.mkdir(parents=True, exist_ok=True)
     shifts = line_shifts(split, [p.newlines for p in parts])
     drops = _repeated_across_parts(parts, dataset.key)
-    rejects = work / "rejected_rows.csv"
-    segment = work / "segment.parquet"
+    rejects, segment = work / "rejected_rows.csv", work / "segment.parquet"
     repeated: list[pl.DataFrame] = []
     buckets = _write_segment(parts, shifts, drops, segment, lambda removed: repeated.append(removed))
     duplicates = (
-        as_rejects(pl.concat(repeated).drop(BUCKET), dataset, Reason.DUPLICATE_KEY, dataset.key)
-        if repeated
-        else None
+        as_rejects(pl.concat(repeated).drop(BUCKET), dataset, Reason.DUPLICATE_KEY, dataset.key) if repeated else None
     )
     _write_rejects(parts, shifts, duplicates, rejects)
-
-    counts: Counter[str] = Counter()
-    for p in parts:
-        counts.update(p.report.get("rejects_by_reason", {}))
-    rows = sum(int(p.report.get("rows", 0)) for p in parts)
-    valid = sum(int(p.report.get("valid_rows", 0)) for p in parts)
-    samples = first_samples([p.report.get("samples", []) for p in parts], shifts, SAMPLES_PER_REASON)
-    if duplicates is not None:
-        counts[str(Reason.DUPLICATE_KEY)] += duplicates.height
-        valid -= duplicates.height
-        samples = _with_duplicate_samples(samples, duplicates)
-    context: dict[str, Any] = {"rows": rows, "valid_rows": valid, "rejects_by_reason": dict(sorted(counts.items()))}
-    base = {k: first[k] for k in ("file_id", "source", "dataset", "arrival")}
+    totals = _Totals.of(parts, shifts, duplicates)
     seconds = round(sum(float(p.report.get("seconds", 0.0)) for p in parts) + time.perf_counter() - started, 3)
-    error: FileRejected | None = None
-    if rows == 0:
-        error = FileRejected(Reason.EMPTY_FILE, "the file has a header but no data rows", **context)
-    elif (rows - valid) / rows > max_invalid_share:
-        message = too_many_invalid_message(rows - valid, rows, max_invalid_share)
-        error = FileRejected(Reason.TOO_MANY_INVALID, message, samples=samples, **context)
+    counted: dict[str, Any] = {k: first[k] for k in ("file_id", "source", "dataset", "arrival")}
+    counted |= {"rows": totals.rows, "valid_rows": totals.valid, "rejected_rows": totals.rows - totals.valid}
+    counted |= {"rejects_by_reason": totals.counts, "seconds": seconds}
+    error = totals.file_rule(max_invalid_share)
     if error is not None:
-        result = ValidationResult(
-            **base, outcome="rejected", reason=str(error.reason), message=error.message,
-            rows=rows, valid_rows=valid, rejected_rows=rows - valid, rejects_by_reason=context["rejects_by_reason"],
-            seconds=seconds,
-        )  # fmt: skip
-        report = {**msgspec.structs.asdict(result), "error": error.to_dict()}
-        return Combined(result, report, None, rejects, [])
-    result = ValidationResult(
-        **base, outcome="accepted", rows=rows, valid_rows=valid, rejected_rows=rows - valid,
-        rejects_by_reason=context["rejects_by_reason"], seconds=seconds,
-    )  # fmt: skip
+        why = {"outcome": "rejected", "reason": str(error.reason), "message": error.message}
+        result = msgspec.convert({**counted, **why}, ValidationResult)
+        return Combined(result, {**msgspec.structs.asdict(result), "error": error.to_dict()}, None, rejects, [])
+    result = msgspec.convert({**counted, "outcome": "accepted"}, ValidationResult)
     report = {
         **msgspec.structs.asdict(result),
         "buckets": buckets,
-        "samples": samples,
+        "samples": totals.samples,
         "warnings": first.get("warnings", []),
         "timings": {"parts": len(parts), "combine": round(time.perf_counter() - started, 3)},
     }
     return Combined(result, report, segment, rejects, buckets)
+
+
+@dataclass
+class _Totals:
+    """The whole file's counts and sample rows, from its parts' and the keys repeated across them."""
+
+    rows: int
+    valid: int
+    counts: dict[str, int]
+    samples: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, parts: list[PartOutput], shifts: list[int], duplicates: pl.DataFrame | None) -> _Totals:
+        counts: Counter[str] = Counter()
+        for p in parts:
+            counts.update(p.report.get("rejects_by_reason", {}))
+        valid = sum(int(p.report.get("valid_rows", 0)) for p in parts)
+        samples = first_samples([p.report.get("samples", []) for p in parts], shifts, SAMPLES_PER_REASON)
+        if duplicates is not None:
+            counts[str(Reason.DUPLICATE_KEY)] += duplicates.height
+            valid -= duplicates.height
+            samples = _with_duplicate_samples(samples, duplicates)
+        rows = sum(int(p.report.get("rows", 0)) for p in parts)
+        return cls(rows, valid, dict(sorted(counts.items())), samples)
+
+    def file_rule(self, max_invalid_share: float) -> FileRejected | None:
+        """The file-level rule the totals break (SPEC 2: no data rows, too many invalid rows), if any."""
+        context: dict[str, Any] = {"rows": self.rows, "valid_rows": self.valid, "rejects_by_reason": self.counts}
+        if self.rows == 0:
+            return FileRejected(Reason.EMPTY_FILE, "the file has a header but no data rows", **context)
+        invalid = self.rows - self.valid
+        if invalid / self.rows > max_invalid_share:
+            message = too_many_invalid_message(invalid, self.rows, max_invalid_share)
+            return FileRejected(Reason.TOO_MANY_INVALID, message, samples=self.samples, **context)
+        return None
 
 
 def _result_fields(report: dict[str, Any]) -> dict[str, Any]:
