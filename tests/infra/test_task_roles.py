@@ -207,7 +207,8 @@ def runs(
     capsys: pytest.CaptureFixture[str],
 ) -> Iterator[Runs]:
     """Every task kind run once or more through ``shopkpi-task`` against moto: three accepted files (one delivered
-    twice), one rejected file, a merge and a reprocessing merge."""
+    twice), one rejected file, a big file in parts, a merge and a reprocessing merge. One scenario in the order
+    the workflow runs it (hence its length): each call is recorded under the kind that made it."""
     s3 = boto3.client("s3")
     by_kind: dict[str, list[Request]] = {}
 

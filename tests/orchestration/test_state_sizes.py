@@ -374,7 +374,10 @@ def failed_batch() -> Iterator[Run]:
 
 @contextlib.contextmanager
 def _execute(records: list[dict[str, str]], oversized: frozenset[int] = frozenset()) -> Iterator[Run]:
-    """Run the real definition over ``records`` in a fresh moto server, to its end."""
+    """Run the real definition over ``records`` in a fresh moto server, to its end.
+
+    Setup, run and teardown of one server in one generator (longer than 60 lines) so that every resource it starts
+    is stopped in the same ``finally``, whatever fails."""
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     _, port = server.get_host_and_port()

@@ -48,6 +48,8 @@ def _ts(day: int, minute: int, zone: str) -> str:
 
 @st.composite
 def plans(draw: st.DrawFn) -> Plan:
+    """A whole delivery plan (products, orders, items, revisions, file splits, arrival order, repeats) drawn in one
+    composite, so that hypothesis shrinks a failing example as one plan; hence its length."""
     n_products = draw(st.integers(1, 4))
     products = [
         {"id": p, "category": draw(st.sampled_from(CATEGORIES)), "retail_price": "10.00", "name": f"p{p}"}
