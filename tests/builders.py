@@ -65,13 +65,18 @@ def product(product_id: int, category: str, price: str = "10.00") -> dict[str, o
     return {"id": product_id, "category": category, "retail_price": price, "name": f"p{product_id}"}
 
 
+def day_kpi(order_date: str, orders: int, returned: int, items: int, cents: int, customers: int) -> OrderKpi:
+    """One day's order KPIs from their components (revenue in cents)."""
+    return OrderKpi(
+        order_date=order_date,
+        total_orders=orders,
+        returned_orders=returned,
+        total_items_sold=items,
+        revenue_cents=cents,
+        unique_customers=customers,
+    )
+
+
 #: A day whose revenue (10,000,000,000,000,050.05) no binary float holds exactly: what ``--json`` and the dashboard's
 #: API must print digit for digit.
-BIG_DAY = OrderKpi(
-    order_date="2025-04-01",
-    total_orders=3,
-    returned_orders=1,
-    total_items_sold=3,
-    revenue_cents=1_000_000_000_000_005_005,
-    unique_customers=3,
-)
+BIG_DAY = day_kpi("2025-04-01", orders=3, returned=1, items=3, cents=1_000_000_000_000_005_005, customers=3)

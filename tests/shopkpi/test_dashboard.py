@@ -23,25 +23,11 @@ from processor.aws.dynamo import FileRecord
 from processor.model import CategoryKpi, OrderKpi
 from shopkpi.dashboard import Period, make_server, period, ranking, serve, static_files, trend
 from shopkpi.health import Execution, Health, executions, file_issues
-from tests.builders import BIG_DAY
+from tests.builders import BIG_DAY, day_kpi
 
 DAILY = [
-    OrderKpi(
-        order_date="2025-03-01",
-        total_orders=2,
-        returned_orders=1,
-        total_items_sold=3,
-        revenue_cents=20949,
-        unique_customers=2,
-    ),
-    OrderKpi(
-        order_date="2025-03-02",
-        total_orders=1,
-        returned_orders=0,
-        total_items_sold=1,
-        revenue_cents=1000,
-        unique_customers=1,
-    ),
+    day_kpi("2025-03-01", orders=2, returned=1, items=3, cents=20949, customers=2),
+    day_kpi("2025-03-02", orders=1, returned=0, items=1, cents=1000, customers=1),
 ]
 CATEGORY = [
     CategoryKpi(

@@ -16,10 +16,10 @@ from orchestration import operations
 from orchestration.deploy import Plan
 from processor.aws.cloudformation import Change
 from processor.aws.dynamo import FileRecord
-from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
+from processor.model import CategoryKpi, MergeResult, ValidationResult
 from shopkpi import cli
 from shopkpi.cli import main
-from tests.builders import WriteCsv, item, order, product
+from tests.builders import WriteCsv, day_kpi, item, order, product
 
 CLOSING_TAG = "[/x]"
 LINK = "[link=http://evil.example]Books"
@@ -73,16 +73,7 @@ def _category(name: str) -> CategoryKpi:
     return CategoryKpi(category=name, order_date="2025-03-01", orders=1, returned_orders=0, items=1, revenue_cents=100)
 
 
-DAILY = [
-    OrderKpi(
-        order_date="2025-03-01",
-        total_orders=1,
-        returned_orders=0,
-        total_items_sold=1,
-        revenue_cents=100,
-        unique_customers=1,
-    )
-]
+DAILY = [day_kpi("2025-03-01", orders=1, returned=0, items=1, cents=100, customers=1)]
 
 
 @pytest.fixture

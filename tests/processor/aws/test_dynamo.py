@@ -26,6 +26,7 @@ from processor.aws.dynamo import (
 )
 from processor.errors import LockBusy, StaleWriter, Throttled
 from processor.model import CategoryKpi, OrderKpi, ValidationResult
+from tests.builders import day_kpi
 
 PREFIX = "test"
 
@@ -93,14 +94,7 @@ def lock(ddb: Any, names: TableNames, clock: FakeClock) -> MergeLock:
 
 
 def order_kpi(day: str, orders: int = 10, returned: int = 1, cents: int = 12_345) -> OrderKpi:
-    return OrderKpi(
-        order_date=day,
-        total_orders=orders,
-        returned_orders=returned,
-        total_items_sold=orders * 2,
-        revenue_cents=cents,
-        unique_customers=orders - 1,
-    )
+    return day_kpi(day, orders=orders, returned=returned, items=orders * 2, cents=cents, customers=orders - 1)
 
 
 def category_kpi(category: str, day: str, orders: int = 3, cents: int = 4_999) -> CategoryKpi:
@@ -186,14 +180,7 @@ def test_published_kpis_are_read_back_by_every_access_pattern(kpis: KpiTables) -
 
 
 def test_items_hold_the_shown_figures_components_and_provenance(ddb: Any, names: TableNames, kpis: KpiTables) -> None:
-    k = OrderKpi(
-        order_date="2025-03-30",
-        total_orders=3,
-        returned_orders=1,
-        total_items_sold=5,
-        revenue_cents=1_000_050,
-        unique_customers=2,
-    )
+    k = day_kpi("2025-03-30", orders=3, returned=1, items=5, cents=1_000_050, customers=2)
     kpis.publish([k], [], generation=7, computed_at="2025-04-01T10:00:00Z", run_id="exec-7")
     item = raw_order_item(ddb, names, "2025-03-30")
     assert Decimal(item["total_revenue"]["N"]) == Decimal("10000.50")
