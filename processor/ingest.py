@@ -6,29 +6,29 @@ and its valid rows are appended to one Parquet *segment*, sorted by bucket withi
 some buckets by row-group pruning. Rejected rows are appended to a CSV beside it with their line, reason and column.
 
 The one rule that spans chunks, duplicate primary keys within the file, is exact without holding every key in
-memory: repeats within a chunk are rejected at once, the chunk's distinct keys are spilled to disk in hash
-partitions, and each partition is checked alone at the end (a partition too large to sort in memory is split
-further first). Rejected rows are streamed to disk as they are found; only a few samples per reason stay in memory.
+memory: repeats within a chunk are rejected at once, and the chunks' distinct keys go to a
+:class:`processor.duplicates.KeySpill` (only once the keys stop ascending chunk after chunk). Rejected rows are
+streamed to disk as they are found; only a few samples per reason stay in memory.
 """
 
 from __future__ import annotations
 
 import gzip
-import shutil
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, Any, cast
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from processor.duplicates import KeySpill
 from processor.errors import FileRejected, Reason
 from processor.reader import DEFAULT_MAX_RECORD_BYTES, read_chunks, read_header_line
 from processor.schema import BUCKET, Dataset, Kind, is_gzip
@@ -37,6 +37,7 @@ from processor.validate import (
     RAW,
     REASON,
     as_rejects,
+    as_written,
     check_chunk,
     check_header,
     column_key,
@@ -49,11 +50,6 @@ SAMPLES_PER_REASON = 5
 SAMPLE_RAW_CHARS = 200
 #: Extra column names listed in the warning (a header may have thousands).
 _LISTED_EXTRAS = 20
-_SPILL_PARTS = 16
-_HASH_BITS = 4  # log2(_SPILL_PARTS)
-#: Keys of one spill partition sorted in memory at once (16 bytes each with its line): larger ones are split again.
-_PART_KEYS = 1 << 22
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def bucket_expr(dataset: Dataset, buckets: int) -> pl.Expr:
@@ -121,82 +117,21 @@ def _sample(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-class _KeySpill:
-    """Primary keys and lines, spilled to disk in hash partitions, to find duplicates in bounded memory.
-
-    Callers add each key at most once per chunk (repeats within a chunk are found in memory), so a partition holds
-    at most one copy of a key per chunk, and a partition larger than ``_PART_KEYS`` can always be split further by
-    the next bits of the hash.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self._keys = [(directory / f"k{p}.bin").open("wb") for p in range(_SPILL_PARTS)]
-        self._lines = [(directory / f"l{p}.bin").open("wb") for p in range(_SPILL_PARTS)]
-        self.dir = directory
-
-    def add(self, keys: np.ndarray, lines: np.ndarray) -> None:
-        _partition(keys.astype(np.int64), lines.astype(np.int64), 0, self._keys, self._lines)
-
-    def duplicate_lines(self) -> np.ndarray:
-        """Lines whose key repeats an earlier line of the file (the first occurrence is kept), ascending."""
-        for f in (*self._keys, *self._lines):
-            f.close()
-        found = [d for p in range(_SPILL_PARTS) if (d := _part_duplicates(self.dir, f"{p}", 0)).size]
-        shutil.rmtree(self.dir, ignore_errors=True)
-        return np.sort(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
-
-
-def _part_of(keys: np.ndarray, level: int) -> np.ndarray:
-    shift = np.uint64(64 - _HASH_BITS * (level + 1))
-    mask = np.uint64(_SPILL_PARTS - 1)
-    return (((keys.astype(np.uint64) * _GOLDEN) >> shift) & mask).astype(np.int64)
-
-
-def _partition(
-    keys: np.ndarray, lines: np.ndarray, level: int, kfiles: Sequence[BinaryIO], lfiles: Sequence[BinaryIO]
-) -> None:
-    part = _part_of(keys, level)
-    order = np.argsort(part, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=_SPILL_PARTS))])
-    k, ln = keys[order], lines[order]
-    for p in range(_SPILL_PARTS):
-        lo, hi = bounds[p], bounds[p + 1]
-        if hi > lo:
-            k[lo:hi].tofile(kfiles[p])
-            ln[lo:hi].tofile(lfiles[p])
-
-
-def _part_duplicates(directory: Path, name: str, level: int) -> np.ndarray:
-    """Duplicate lines of one partition: sorted by (key, line) in memory, or split by the next hash bits first."""
-    kpath, lpath = directory / f"k{name}.bin", directory / f"l{name}.bin"
-    count = kpath.stat().st_size // 8
-    if count > _PART_KEYS and _HASH_BITS * (level + 2) <= 64:
-        kfiles = [(directory / f"k{name}_{p}.bin").open("wb") for p in range(_SPILL_PARTS)]
-        lfiles = [(directory / f"l{name}_{p}.bin").open("wb") for p in range(_SPILL_PARTS)]
-        with kpath.open("rb") as kf, lpath.open("rb") as lf:
-            while (keys := np.fromfile(kf, dtype=np.int64, count=_PART_KEYS)).size:
-                _partition(keys, np.fromfile(lf, dtype=np.int64, count=keys.size), level + 1, kfiles, lfiles)
-        for f in (*kfiles, *lfiles):
-            f.close()
-        kpath.unlink()
-        lpath.unlink()
-        found = [_part_duplicates(directory, f"{name}_{p}", level + 1) for p in range(_SPILL_PARTS)]
-        return np.concatenate(found)
-    keys = np.fromfile(kpath, dtype=np.int64)
-    if keys.size < 2:
-        return np.empty(0, dtype=np.int64)
-    lines = np.fromfile(lpath, dtype=np.int64)
-    order = np.lexsort((lines, keys))  # by key, then line: each key's first line comes first
-    keys, lines = keys[order], lines[order]
-    repeats: np.ndarray = lines[1:][keys[1:] == keys[:-1]]
-    return repeats
-
-
 def open_local(path: Path) -> IO[bytes]:
     """A local file as a byte stream, gunzipped on the fly when its name ends in .gz."""
     f: IO[bytes] = path.open("rb")
     return cast(IO[bytes], gzip.GzipFile(fileobj=f, mode="rb")) if is_gzip(path.name) else f
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a file's header maps onto its dataset."""
+
+    fields: list[str]  # per header field, the contract column it names (extras: a placeholder, then dropped)
+    present: list[str]  # contract columns the file has, in contract order
+    absent: list[pl.Expr]  # absent optional columns, as nulls
+    first_line: int  # the line after the header
+    warnings: list[str]
 
 
 def ingest(
@@ -211,11 +146,47 @@ def ingest(
 ) -> IngestOutput:
     """Validate a CSV byte stream (already decompressed) and stage its valid rows into ``work_dir``.
 
-    Raises :class:`FileRejected` for file-level rules; its context carries whatever was counted so far.
+    Steps: the header (:func:`_layout`), the chunks, validated and staged as they are read
+    (:func:`_stage_chunks`), the duplicate keys across chunks (:func:`_drop_duplicates`), the file's verdict
+    (:func:`_verdict`). Raises :class:`FileRejected` for file-level rules; its context carries whatever was counted.
     """
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    layout = _layout(stream, dataset, max_record_bytes)
+    segment = work_dir / "segment.parquet"
+    rejects = _RejectSink(work_dir / "rejects.csv", dataset)
+    schema = _arrow_schema(dataset)
+    t0 = time.perf_counter()
+    sink = _SegmentSink(segment, schema, dataset, buckets, work_dir / "keys")
+    try:
+        try:
+            rows, valid_rows = _stage_chunks(stream, dataset, layout, sink, rejects, chunk_bytes, max_record_bytes)
+        finally:
+            sink.close()
+        timings = {"validate": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        valid_rows -= _drop_duplicates(segment, schema, dataset, sink, rejects)
+    finally:
+        rejects.close()
+    timings["duplicates"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    _verdict(rows, valid_rows, rejects, max_invalid_share)
+    return IngestOutput(
+        dataset=dataset.name,
+        rows=rows,
+        valid_rows=valid_rows,
+        rejects_by_reason=dict(sorted(rejects.counts.items())),
+        samples=rejects.samples,
+        segment=segment,
+        rejects=rejects.path,
+        buckets=sorted(b for b, n in sink.bucket_rows.items() if n > 0),
+        warnings=layout.warnings,
+        timings=timings,
+    )
+
+
+def _layout(stream: IO[bytes], dataset: Dataset, max_record_bytes: int) -> _Layout:
+    """Read and check the header: a column named twice or a required column missing rejects the file."""
     try:
         header, header_line = read_header_line(stream, max_bytes=max_record_bytes)
     except (OSError, EOFError, zlib.error) as e:
@@ -238,69 +209,80 @@ def ingest(
             line=header_line,
             missing=list(check.missing),
         )
-    warnings = [_extra_warning(check.extra)] if check.extra else []
-    # The reader names each field by the contract column it matches; extras get placeholder names (then dropped).
-    fields = [c if c is not None else f"_extra_{i}" for i, c in enumerate(check.columns)]
-    present = [c for c in dataset.names if c not in check.absent_optional]
-    absent = [pl.lit(None, pl.String).alias(c) for c in check.absent_optional]
+    return _Layout(
+        fields=[c if c is not None else f"_extra_{i}" for i, c in enumerate(check.columns)],
+        present=[c for c in dataset.names if c not in check.absent_optional],
+        absent=[pl.lit(None, pl.String).alias(c) for c in check.absent_optional],
+        first_line=header_line + 1,
+        warnings=[_extra_warning(check.extra)] if check.extra else [],
+    )
 
-    segment = work_dir / "segment.parquet"
-    rejects = _RejectSink(work_dir / "rejects.csv", dataset)
-    schema = _arrow_schema(dataset)
+
+def _stage_chunks(
+    stream: IO[bytes],
+    dataset: Dataset,
+    layout: _Layout,
+    sink: _SegmentSink,
+    rejects: _RejectSink,
+    chunk_bytes: int,
+    max_record_bytes: int,
+) -> tuple[int, int]:
+    """Validate each chunk as it is read and hand its valid rows to ``sink``: (rows read, valid rows)."""
     rows = valid_rows = 0
-    t0 = time.perf_counter()
-    sink = _SegmentSink(segment, schema, dataset, buckets, work_dir / "keys")
-    try:
-        ints = frozenset(c.name for c in dataset.columns if c.kind is Kind.INT and c.name in present)
-        for chunk in read_chunks(
-            stream,
-            fields,
-            present,
-            chunk_bytes=chunk_bytes,
-            ints=ints,
-            first_line=header_line + 1,
-            max_record_bytes=max_record_bytes,
-        ):
-            rows += chunk.rows.height + chunk.rejects.height
-            if not chunk.rejects.is_empty():
-                rejects.add(unsplit_rejects(chunk.rejects, dataset))
-            if chunk.rows.is_empty():
-                continue
-            raw = chunk.rows.with_columns(absent) if absent else chunk.rows
-            valid, rejected = check_chunk(raw, dataset)
-            rejects.add(rejected)
-            # A key repeated within the chunk: found here, so the spill holds each key at most once per chunk.
-            repeated = _repeats(valid.get_column(dataset.key))
-            if repeated is not None:
-                rejects.add(as_rejects(valid.filter(repeated), dataset, Reason.DUPLICATE_KEY, dataset.key))
-                valid = valid.filter(~repeated)
-            valid_rows += valid.height
-            if not valid.is_empty():
-                sink.submit(valid)
-        sink.close()
-    except BaseException:
-        sink.close()
-        rejects.close()
-        raise
-    spill, bucket_rows = sink.spill, sink.bucket_rows
-    timings["validate"] = time.perf_counter() - t0
+    ints = frozenset(c.name for c in dataset.columns if c.kind is Kind.INT and c.name in layout.present)
+    for chunk in read_chunks(
+        stream,
+        layout.fields,
+        layout.present,
+        chunk_bytes=chunk_bytes,
+        ints=ints,
+        first_line=layout.first_line,
+        max_record_bytes=max_record_bytes,
+    ):
+        rows += chunk.rows.height + chunk.rejects.height
+        if not chunk.rejects.is_empty():
+            rejects.add(unsplit_rejects(chunk.rejects, dataset))
+        if chunk.rows.is_empty():
+            continue
+        valid, rejected = check_chunk(chunk.rows.with_columns(layout.absent), dataset)
+        if not rejected.is_empty() and chunk.typed_from is not None:
+            rejected = as_written(rejected, chunk.text())
+        rejects.add(rejected)
+        # A key repeated within the chunk: found here, so the spill holds each key at most once per chunk.
+        repeated = _repeats(valid.get_column(dataset.key))
+        if repeated is not None:
+            rejects.add(as_rejects(valid.filter(repeated), dataset, Reason.DUPLICATE_KEY, dataset.key))
+            valid = valid.filter(~repeated)
+        valid_rows += valid.height
+        if not valid.is_empty():
+            sink.submit(valid)
+        # Let go of this chunk before waiting for the next: the loop variables would hold it (and its block) while
+        # the reader parses the next one, a chunk more in memory per file being validated.
+        del chunk, valid, rejected
+    return rows, valid_rows
 
-    t0 = time.perf_counter()
-    dup_lines = spill.duplicate_lines()
+
+def _drop_duplicates(
+    segment: Path, schema: pa.Schema, dataset: Dataset, sink: _SegmentSink, rejects: _RejectSink
+) -> int:
+    """Reject the rows whose key repeats an earlier chunk's (exact, from the key spill); how many were dropped."""
+    dup_lines = sink.duplicate_lines()
+    dropped = 0
     if len(dup_lines):
 
         def drop(removed: pl.DataFrame) -> None:
-            nonlocal valid_rows
+            nonlocal dropped
             rejects.add(as_rejects(removed.drop(BUCKET), dataset, Reason.DUPLICATE_KEY, dataset.key))
-            valid_rows -= removed.height
+            dropped += removed.height
             for b, n in removed.get_column(BUCKET).value_counts().iter_rows():
-                bucket_rows[b] -= n
+                sink.bucket_rows[b] -= n
 
         _drop_lines(segment, dup_lines, schema, drop)
-    rejects.close()
-    timings["duplicates"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - started
+    return dropped
 
+
+def _verdict(rows: int, valid_rows: int, rejects: _RejectSink, max_invalid_share: float) -> None:
+    """The file-level rules on the counts: no data rows, or too many invalid ones, rejects the file."""
     counts = dict(sorted(rejects.counts.items()))
     context: dict[str, Any] = {"rows": rows, "valid_rows": valid_rows, "rejects_by_reason": counts}
     if rows == 0:
@@ -313,18 +295,6 @@ def ingest(
             samples=rejects.samples,
             **context,
         )
-    return IngestOutput(
-        dataset=dataset.name,
-        rows=rows,
-        valid_rows=valid_rows,
-        rejects_by_reason=counts,
-        samples=rejects.samples,
-        segment=segment,
-        rejects=rejects.path,
-        buckets=sorted(b for b, n in bucket_rows.items() if n > 0),
-        warnings=warnings,
-        timings=timings,
-    )
 
 
 def _repeats(keys: pl.Series) -> pl.Series | None:
@@ -360,6 +330,10 @@ class _SegmentSink:
 
     At most one chunk waits to be written (bounded memory). Each chunk is sorted by bucket and written as a few row
     groups, so a group's bucket range (its min/max statistics) is narrow and readers of some buckets skip the rest.
+
+    Keys go to the spill only once the file leaves the usual export order: while each chunk's keys ascend above the
+    previous chunk's, no key can repeat across chunks, so nothing is spilled; if a later chunk breaks that order,
+    the keys of the chunks before it are read back from the finished segment (:meth:`duplicate_lines`).
     """
 
     GROUPS_PER_CHUNK = 8
@@ -369,21 +343,52 @@ class _SegmentSink:
         self.dataset = dataset
         self.buckets = buckets
         self.writer = _writer(path, schema)
-        self.spill = _KeySpill(spill_dir)
+        self.spill = KeySpill(spill_dir)
         self.bucket_rows: Counter[int] = Counter()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer")
         self._pending: Future[None] | None = None
+        self._path = path
+        self._ordered = True  # every chunk so far ascends above the previous one
+        self._fence = 0  # the highest key so far, while ordered
+        self._unspilled = 0  # the leading rows of the segment (the ordered chunks) whose keys are not in the spill
 
     def submit(self, valid: pl.DataFrame) -> None:
         self._wait()
         self._pending = self._pool.submit(self._write, valid)
 
     def _write(self, valid: pl.DataFrame) -> None:
-        self.spill.add(valid.get_column(self.dataset.key).to_numpy(), valid.get_column(LINE).to_numpy())
-        table = valid.with_columns(bucket_expr(self.dataset, self.buckets)).sort(BUCKET)
-        self.bucket_rows.update(dict(table.get_column(BUCKET).value_counts().iter_rows()))
+        self._note_keys(valid.get_column(self.dataset.key).to_numpy(), valid.get_column(LINE).to_numpy())
+        table = valid.with_columns(bucket_expr(self.dataset, self.buckets))
+        # Buckets fit 16 bits (at most 4096), which numpy sorts by radix: a stable sort (rows of a bucket stay in
+        # line order) at a fraction of the cost of a general sort of the frame.
+        bucket = table.get_column(BUCKET).to_numpy().astype(np.uint16)
+        table = table[np.argsort(bucket, kind="stable")]
+        counts = np.bincount(bucket)
+        self.bucket_rows.update({int(b): int(counts[b]) for b in np.flatnonzero(counts)})
         size = max(1, -(-table.height // self.GROUPS_PER_CHUNK))
         self.writer.write_table(table.to_arrow().cast(self.schema), row_group_size=size)
+
+    def _note_keys(self, keys: np.ndarray, lines: np.ndarray) -> None:
+        if self._ordered and (self._unspilled == 0 or keys[0] > self._fence) and bool((keys[1:] > keys[:-1]).all()):
+            self._fence = int(keys[-1])
+            self._unspilled += keys.size
+            return
+        self._ordered = False
+        self.spill.add(keys, lines)
+
+    def duplicate_lines(self) -> np.ndarray:
+        """Lines whose key repeats an earlier line of the file, ascending (after :meth:`close`)."""
+        if not self._ordered and self._unspilled:
+            source = pq.ParquetFile(self._path)
+            left = self._unspilled
+            for batch in source.iter_batches(columns=[self.dataset.key, LINE], batch_size=1 << 20):
+                take = batch.slice(0, left)
+                self.spill.add(take.column(0).to_numpy(), take.column(1).to_numpy())
+                left -= take.num_rows
+                if not left:
+                    break
+            source.close()
+        return self.spill.duplicate_lines()
 
     def _wait(self) -> None:
         if self._pending is not None:

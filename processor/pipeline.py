@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -81,40 +82,50 @@ def validate_stream(
                 max_record_bytes=settings.max_record_kb << 10,
             )
         except FileRejected as e:
-            ctx = {k: v for k, v in e.context.items() if k != "reason"}
-            result = ValidationResult(
-                **base,
-                outcome="rejected",
-                reason=str(e.reason),
-                message=e.message,
-                rows=ctx.get("rows", 0),
-                valid_rows=ctx.get("valid_rows", 0),
-                rejected_rows=ctx.get("rows", 0) - ctx.get("valid_rows", 0),
-                rejects_by_reason=ctx.get("rejects_by_reason", {}),
-                seconds=round(time.perf_counter() - started, 3),
-            )
-            log.warning("file.rejected", reason=str(e.reason), message=e.message)
-            rejects = work_dir / "rejects.csv"
-            report = {**msgspec.structs.asdict(result), "error": e.to_dict()}
-            return Validated(result, report, None, rejects if rejects.exists() else None)
-        result = ValidationResult(
-            **base,
-            outcome="accepted",
-            rows=out.rows,
-            valid_rows=out.valid_rows,
-            rejected_rows=out.rejected_rows,
-            rejects_by_reason=out.rejects_by_reason,
-            seconds=round(time.perf_counter() - started, 3),
-        )
-        log.info("file.accepted", rows=out.rows, rejected_rows=out.rejected_rows, **out.timings)
-        report = {
-            **msgspec.structs.asdict(result),
-            "buckets": out.buckets,
-            "samples": out.samples,
-            "warnings": out.warnings,
-            "timings": {k: round(v, 3) for k, v in out.timings.items()},
-        }
-        return Validated(result, report, out, out.rejects)
+            return _rejected(e, base, work_dir, round(time.perf_counter() - started, 3))
+        return _accepted(out, base, round(time.perf_counter() - started, 3))
+
+
+def _rejected(e: FileRejected, base: dict[str, Any], work_dir: Path, seconds: float) -> Validated:
+    """The result and report of a file rejected whole, with whatever was counted before the rule applied."""
+    ctx = {k: v for k, v in e.context.items() if k != "reason"}
+    result = ValidationResult(
+        **base,
+        outcome="rejected",
+        reason=str(e.reason),
+        message=e.message,
+        rows=ctx.get("rows", 0),
+        valid_rows=ctx.get("valid_rows", 0),
+        rejected_rows=ctx.get("rows", 0) - ctx.get("valid_rows", 0),
+        rejects_by_reason=ctx.get("rejects_by_reason", {}),
+        seconds=seconds,
+    )
+    log.warning("file.rejected", reason=str(e.reason), message=e.message)
+    rejects = work_dir / "rejects.csv"
+    report = {**msgspec.structs.asdict(result), "error": e.to_dict()}
+    return Validated(result, report, None, rejects if rejects.exists() else None)
+
+
+def _accepted(out: IngestOutput, base: dict[str, Any], seconds: float) -> Validated:
+    """The result and report of an accepted file: counts, buckets, samples of rejected rows, timings."""
+    result = ValidationResult(
+        **base,
+        outcome="accepted",
+        rows=out.rows,
+        valid_rows=out.valid_rows,
+        rejected_rows=out.rejected_rows,
+        rejects_by_reason=out.rejects_by_reason,
+        seconds=seconds,
+    )
+    log.info("file.accepted", rows=out.rows, rejected_rows=out.rejected_rows, **out.timings)
+    report = {
+        **msgspec.structs.asdict(result),
+        "buckets": out.buckets,
+        "samples": out.samples,
+        "warnings": out.warnings,
+        "timings": {k: round(v, 3) for k, v in out.timings.items()},
+    }
+    return Validated(result, report, out, out.rejects)
 
 
 def segment_for(v: Validated, arrival: datetime) -> Segment:
@@ -149,30 +160,74 @@ def expand(paths: list[Path]) -> list[Path]:
     return out
 
 
+@dataclass(frozen=True)
+class _Landed:
+    """A local file about to be validated: its identity and its place in the arrival order."""
+
+    path: Path
+    source: str
+    file_id: str
+    arrival: datetime
+
+
 def stage_local(paths: list[Path], store: Store, settings: Settings, work: Path) -> list[ValidationResult]:
     """Validate local files and commit the accepted ones to ``store``, without merging.
 
     Files arrive in the order given (a later file wins over an earlier one on a conflicting key). A file staged
-    before is recognised (same path, size and modification time) and skipped.
+    before, or named twice, is recognised (same path, size and modification time) and skipped. Files are validated
+    side by side, one per core (:func:`_validators`): each validation streams its file in bounded memory, and no
+    file's result depends on another's. They are committed in the order given.
     """
+    landed = _landed(paths, store)
+    if not landed:
+        return []
+
+    def validate(f: _Landed) -> Validated:
+        fwork = work / f.file_id
+        return validate_file(
+            f.path, source=f.source, file_id=f.file_id, arrival=f.arrival, settings=settings, work_dir=fwork
+        )
+
     results: list[ValidationResult] = []
+    with ThreadPoolExecutor(max_workers=_validators(len(landed)), thread_name_prefix="validate") as pool:
+        futures = [pool.submit(validate, f) for f in landed]
+        try:
+            for f, future in zip(landed, futures, strict=True):
+                v = future.result()
+                _keep_outputs(store, v)
+                if v.output is not None:
+                    commit(store, v.output.segment, segment_for(v, f.arrival))
+                results.append(v.result)
+                shutil.rmtree(work / f.file_id, ignore_errors=True)
+        except BaseException:
+            for future in futures:  # an unexpected error stops the run, as it would between two files
+                future.cancel()
+            raise
+    return results
+
+
+def _landed(paths: list[Path], store: Store) -> list[_Landed]:
+    """The files to validate, in arrival order: those staged before, and repeats of a file, are skipped."""
     base = datetime.now(UTC)
+    out: list[_Landed] = []
+    seen: set[str] = set()
     for i, path in enumerate(expand(paths)):
         stat = path.stat()
         source = str(path.resolve())
         file_id = file_id_for(source, f"{stat.st_size}:{stat.st_mtime_ns}")
-        if is_committed(store, file_id):
+        if file_id in seen or is_committed(store, file_id):
             log.info("file.already_staged", file=source)
             continue
-        arrival = base + timedelta(microseconds=i)  # argument order is arrival order
-        fwork = work / file_id
-        v = validate_file(path, source=source, file_id=file_id, arrival=arrival, settings=settings, work_dir=fwork)
-        _keep_outputs(store, v)
-        if v.output is not None:
-            commit(store, v.output.segment, segment_for(v, arrival))
-        results.append(v.result)
-        shutil.rmtree(fwork, ignore_errors=True)
-    return results
+        seen.add(file_id)
+        out.append(_Landed(path, source, file_id, base + timedelta(microseconds=i)))  # argument order is arrival
+    return out
+
+
+def _validators(files: int) -> int:
+    """Files validated at once: one per core this process may use (each also has a reader and a writer thread,
+    which mostly wait on polars and pyarrow, both multi-threaded), at most 4 so memory stays bounded (each
+    validation holds a few chunks of ``SHOPKPI_CHUNK_MB``)."""
+    return max(1, min(files, len(os.sched_getaffinity(0)), 4))
 
 
 def process_local(paths: list[Path], staging: Path, settings: Settings) -> LocalRun:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from processor.errors import Reason
-from processor.schema import MONEY_DTYPE, STATUSES, TS_DTYPE, Dataset, Kind
+from processor.schema import MONEY_DTYPE, STATUSES, TS_DTYPE, Column, Dataset, Kind
 
 LINE = "_line"
 REASON = "_reason"
@@ -66,16 +66,19 @@ def parse_timestamps(raw: pl.Series) -> pl.Series:
     """ISO-8601 strings -> Datetime(us, UTC). Naive values are UTC; values with an offset are converted to UTC.
 
     The fast path takes the common ``2025-03-30T16:14:26``; the rest (space separator, fractional seconds,
-    ``Z`` or ``+02:00`` offsets) goes through the slower formats, only for the rows the fast path missed.
+    ``Z`` or ``+02:00`` offsets) goes through the slower formats, only for the rows the fast path missed. No cache of
+    converted values: timestamps are nearly all distinct, and polars' cache cost a third of the parse.
     """
-    fast = raw.str.to_datetime(_FAST_TS, strict=False, time_unit="us", time_zone="UTC")
+    fast = raw.str.to_datetime(_FAST_TS, strict=False, time_unit="us", time_zone="UTC", cache=False)
     missed = fast.is_null() & raw.is_not_null()
     if not missed.any():
         return fast
     idx = missed.arg_true()
     sub = raw.gather(idx).str.replace(" ", "T", literal=True, n=1)
     slow = pl.select(
-        pl.coalesce([sub.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC") for f in _SLOW_TS])
+        pl.coalesce(
+            [sub.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC", cache=False) for f in _SLOW_TS]
+        )
     ).to_series()
     return fast.scatter(idx, slow)
 
@@ -102,68 +105,100 @@ def _first(conditions: list[tuple[pl.Series, str]], n: int) -> pl.Series:
     return out
 
 
+#: The row rules in the order a row is judged by (its first failing rule names it), after the reader's three.
+ROW_RULES = (
+    Reason.MISSING_REQUIRED,
+    Reason.BAD_TYPE,
+    Reason.UNKNOWN_STATUS,
+    Reason.NEGATIVE_MONEY,
+    Reason.MONEY_PRECISION,
+    Reason.BAD_QUANTITY,
+    Reason.TIMESTAMP_ORDER,
+)
+#: Per rule, (rows that break it, column) in contract column order.
+_Faults = dict[Reason, list[tuple[pl.Series, str]]]
+
+
 def check_chunk(raw: pl.DataFrame, dataset: Dataset) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Validate one chunk of raw rows.
 
-    ``raw`` holds every column of ``dataset`` as strings (absent optional columns as nulls) and ``_line``.
-    Returns ``(valid, rejected)``: ``valid`` with the staged schema (``dataset.staged_schema()``), ``rejected``
-    with ``_line``, ``_reason``, ``_column`` and the raw string values.
+    ``raw`` holds every column of ``dataset`` as strings (absent optional columns as nulls; integer columns may
+    come typed from the reader) and ``_line``. Returns ``(valid, rejected)``: ``valid`` with the staged schema
+    (``dataset.staged_schema()``), ``rejected`` with ``_line``, ``_reason``, ``_column`` and the raw string values.
+
+    Steps: type each column and note the rows its kind's rules reject (:func:`_type_column`); the rules across
+    columns (:func:`_row_rules`); each row's first failing rule and column (:func:`_first_fault`); the split.
     """
-    n = raw.height
-    typed: dict[str, pl.Series] = {}
-    bad_type: list[tuple[pl.Series, str]] = []
-    missing: list[tuple[pl.Series, str]] = []
-    money_neg: list[tuple[pl.Series, str]] = []
-    money_prec: list[tuple[pl.Series, str]] = []
-    status_bad: list[tuple[pl.Series, str]] = []
+    faults: _Faults = {r: [] for r in ROW_RULES}
+    typed = {col.name: _type_column(col, raw.get_column(col.name), faults) for col in dataset.columns}
+    _row_rules(typed, dataset, faults)
+    reason, column = _first_fault(faults, raw.height)
+    line = raw.get_column(LINE).cast(pl.Int64)
+    valid = pl.DataFrame([typed[c] for c in dataset.names] + [line])
+    if reason is None or column is None:
+        return valid, empty_rejects(dataset)
+    bad = reason.is_not_null()
+    rejected = pl.DataFrame(
+        [line, reason.alias(REASON), column.alias(COLUMN)]
+        + [raw.get_column(c).cast(pl.String) for c in dataset.names]
+        + [_nulls(RAW, raw.height)]
+    ).filter(bad)
+    return valid.filter(~bad), rejected
 
-    for col in dataset.columns:
-        s = raw.get_column(col.name)
-        present = s.is_not_null()
-        if col.required:
-            missing.append((~present, col.name))
-        if col.kind is Kind.INT:
-            t = s if s.dtype == pl.Int64 else s.cast(pl.Int64, strict=False)  # the reader may have typed it
-        elif col.kind is Kind.MONEY:
-            t = s.cast(MONEY_DTYPE, strict=False)
-            # The cast accepts exponent notation (1e3); the contract's decimals are plain digits.
-            t = pl.select(
-                pl.when(s.str.contains("e", literal=True) | s.str.contains("E", literal=True)).then(None).otherwise(t)
-            ).to_series()
-            money_neg.append(((t < 0).fill_null(False), col.name))
-            money_prec.append((present & ~_money_precision_ok(s), col.name))
-        elif col.kind is Kind.TS:
-            t = parse_timestamps(s)
-        elif col.kind is Kind.STATUS:
-            t = s.str.to_lowercase()
-            status_bad.append((present & ~t.is_in(STATUSES), col.name))
-        else:
-            t = s
-        if col.kind is not Kind.STR and col.kind is not Kind.STATUS:
-            bad_type.append((present & t.is_null(), col.name))
-        typed[col.name] = t.alias(col.name)
 
-    quantity: list[tuple[pl.Series, str]] = []
+def _type_column(col: Column, s: pl.Series, faults: _Faults) -> pl.Series:
+    """``s`` cast to its staged type; the rows that break its kind's rules are added to ``faults``."""
+    present = s.is_not_null()
+    if col.required:
+        faults[Reason.MISSING_REQUIRED].append((~present, col.name))
+    if col.kind is Kind.INT:
+        t = s if s.dtype == pl.Int64 else s.cast(pl.Int64, strict=False)  # the reader may have typed it
+    elif col.kind is Kind.MONEY:
+        t = s.cast(MONEY_DTYPE, strict=False)
+        # The cast accepts exponent notation (1e3); the contract's decimals are plain digits.
+        exponent = s.str.contains_any(["e", "E"])
+        if exponent.any():
+            t = pl.select(pl.when(exponent).then(None).otherwise(t)).to_series()
+        faults[Reason.NEGATIVE_MONEY].append(((t < 0).fill_null(False), col.name))
+        faults[Reason.MONEY_PRECISION].append((present & ~_money_precision_ok(s), col.name))
+    elif col.kind is Kind.TS:
+        t = parse_timestamps(s)
+    elif col.kind is Kind.STATUS:
+        t = _statuses(s, present, col.name, faults)
+    else:
+        t = s
+    if col.kind is not Kind.STR and col.kind is not Kind.STATUS:
+        faults[Reason.BAD_TYPE].append((present & t.is_null(), col.name))
+    return t.alias(col.name)
+
+
+def _statuses(s: pl.Series, present: pl.Series, name: str, faults: _Faults) -> pl.Series:
+    """Statuses lowercased; unknown ones noted. Values already lowercase (the usual case) are not copied."""
+    known = s.is_in(STATUSES)
+    if (known | ~present).all():
+        return s
+    t = s.str.to_lowercase()
+    faults[Reason.UNKNOWN_STATUS].append((present & ~t.is_in(STATUSES), name))
+    return t
+
+
+def _row_rules(typed: dict[str, pl.Series], dataset: Dataset, faults: _Faults) -> None:
+    """The rules between typed values: a positive quantity, no timestamp before ``created_at``."""
     if "num_of_item" in typed:
-        quantity.append(((typed["num_of_item"] < 1).fill_null(False), "num_of_item"))
-    ts_order: list[tuple[pl.Series, str]] = []
+        faults[Reason.BAD_QUANTITY].append(((typed["num_of_item"] < 1).fill_null(False), "num_of_item"))
     if dataset.later_timestamps:
         created = typed["created_at"]
         for name in dataset.later_timestamps:
-            ts_order.append(((typed[name] < created).fill_null(False), name))
+            faults[Reason.TIMESTAMP_ORDER].append(((typed[name] < created).fill_null(False), name))
 
-    rules: list[tuple[Reason, list[tuple[pl.Series, str]]]] = [
-        (Reason.MISSING_REQUIRED, missing),
-        (Reason.BAD_TYPE, bad_type),
-        (Reason.UNKNOWN_STATUS, status_bad),
-        (Reason.NEGATIVE_MONEY, money_neg),
-        (Reason.MONEY_PRECISION, money_prec),
-        (Reason.BAD_QUANTITY, quantity),
-        (Reason.TIMESTAMP_ORDER, ts_order),
-    ]
-    reason = _nulls(REASON, n)
-    column = _nulls(COLUMN, n)
-    for code, conds in reversed(rules):
+
+def _first_fault(faults: _Faults, n: int) -> tuple[pl.Series | None, pl.Series | None]:
+    """Each row's first failing rule (in ``ROW_RULES`` order) and its first column at fault; (None, None) when no row
+    fails any rule (the usual chunk: nothing is built)."""
+    reason: pl.Series | None = None
+    column: pl.Series | None = None
+    for code in reversed(ROW_RULES):
+        conds = faults[code]
         if not conds:
             continue
         any_hit = conds[0][0]
@@ -172,21 +207,19 @@ def check_chunk(raw: pl.DataFrame, dataset: Dataset) -> tuple[pl.DataFrame, pl.D
         if not any_hit.any():
             continue
         which = _first(conds, n)
-        reason = pl.select(pl.when(any_hit).then(pl.lit(str(code))).otherwise(reason)).to_series()
-        column = pl.select(pl.when(any_hit).then(which).otherwise(column)).to_series()
+        reason = pl.select(pl.when(any_hit).then(pl.lit(str(code))).otherwise(reason)).to_series().alias(REASON)
+        column = pl.select(pl.when(any_hit).then(which).otherwise(column)).to_series().alias(COLUMN)
+    return reason, column
 
-    bad = reason.is_not_null()
-    line = raw.get_column(LINE).cast(pl.Int64)
-    valid = pl.DataFrame([typed[c] for c in dataset.names] + [line])
-    if not bad.any():
-        return valid, empty_rejects(dataset)
-    good = ~bad
-    rejected = pl.DataFrame(
-        [line, reason.alias(REASON), column.alias(COLUMN)]
-        + [raw.get_column(c).cast(pl.String) for c in dataset.names]
-        + [_nulls(RAW, n)]
-    ).filter(bad)
-    return valid.filter(good), rejected
+
+def as_written(rejected: pl.DataFrame, text: pl.DataFrame) -> pl.DataFrame:
+    """Rejected rows with their values as written: ``text`` holds the same rows as read (all text), by ``_line``.
+
+    For a chunk whose integer columns the reader typed, whose rejected rows would otherwise show ``7`` for ``007``.
+    """
+    columns = [c for c in text.columns if c != LINE and c in rejected.columns]
+    written = rejected.select(LINE).join(text.select(LINE, *columns), on=LINE, how="left", maintain_order="left")
+    return rejected.with_columns(written.get_column(c) for c in columns)
 
 
 def empty_rejects(dataset: Dataset) -> pl.DataFrame:
@@ -230,9 +263,11 @@ __all__ = [
     "LINE",
     "RAW",
     "REASON",
+    "ROW_RULES",
     "TS_DTYPE",
     "HeaderCheck",
     "as_rejects",
+    "as_written",
     "check_chunk",
     "check_header",
     "column_key",

@@ -14,10 +14,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-import processor.ingest as ingest_module
-import processor.reader as reader
+import processor.duplicates as duplicates
+import processor.records as records
+from processor.duplicates import KeySpill
 from processor.errors import ConfigError, FileRejected, Reason
-from processor.ingest import _KeySpill, ingest
+from processor.ingest import ingest
+from processor.quotes import QuoteState
 from processor.reader import RAW_PREFIX_BYTES, iter_chunks, read_chunks, read_header, read_header_line
 from processor.schema import ORDERS
 from processor.settings import Settings
@@ -121,14 +123,14 @@ def test_a_stray_quote_costs_one_row_and_the_rest_is_read() -> None:
 
 def test_record_scan_is_linear_behind_a_quote_that_never_closes(monkeypatch: pytest.MonkeyPatch) -> None:
     scanned = 0
-    scan = reader._Splitter._scan
+    scan = records.Splitter._scan
 
-    def counting(buf: bytes, done: int, st: reader._QuoteState) -> tuple[int, int | None, int | None]:
+    def counting(buf: bytes, done: int, st: QuoteState) -> tuple[int, int | None, int | None]:
         nonlocal scanned
         scanned += len(buf) - done
         return scan(buf, done, st)
 
-    monkeypatch.setattr(reader._Splitter, "_scan", staticmethod(counting))
+    monkeypatch.setattr(records.Splitter, "_scan", staticmethod(counting))
     data = b'1,"never closed,b\n' + b"".join(b"%d,a,b\n" % i for i in range(2, 100_000))
     rows, rejects = read(data, chunk_bytes=4096, limit=64 << 10)
     assert rejects[0][:2] == (1, "record_too_long")
@@ -255,11 +257,11 @@ def test_file_id_of_a_utf8_name_is_unchanged() -> None:
 def test_duplicate_lines_are_exact_when_partitions_are_split_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ingest_module, "_PART_KEYS", 16)  # force the second and third levels of partitioning
+    monkeypatch.setattr(duplicates, "_PART_KEYS", 16)  # force the second and third levels of partitioning
     rng = np.random.default_rng(7)
     keys = rng.integers(0, 300, size=4000)
     lines = np.arange(2, 4002)
-    spill = _KeySpill(tmp_path / "spill")
+    spill = KeySpill(tmp_path / "spill")
     for lo in range(0, 4000, 500):  # one key at most once per "chunk", as ingest adds them
         k, first = np.unique(keys[lo : lo + 500], return_index=True)
         spill.add(k, lines[lo : lo + 500][first])
