@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -48,7 +49,13 @@ class LocalStore:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(local, tmp)
+        tmp.unlink(missing_ok=True)
+        try:
+            # The files put here are written once in scratch space and never changed: a hard link stores them
+            # without writing them a second time (on another file system, or where links are refused, a copy).
+            os.link(local, tmp)
+        except OSError:
+            shutil.copyfile(local, tmp)
         tmp.replace(dest)  # atomic: readers see the old object or the whole new one
 
     def put_bytes(self, key: str, data: bytes) -> None:
