@@ -6,6 +6,7 @@ See :mod:`processor.split` for why the result is exactly the one of the file rea
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import Counter
@@ -140,7 +141,10 @@ def _repeated_across_parts(parts: list[PartOutput], key: str) -> list[np.ndarray
         if p.segment is not None
     ]
     drops: list[list[np.ndarray]] = [[] for _ in parts]
-    if len(scans) < 2:
+    if len(scans) < 2 or _disjoint([scan.select(pl.col(key).min().alias("lo"), pl.col(key).max().alias("hi"))
+                                    for scan in scans]):  # fmt: skip
+        # Parts whose key ranges do not overlap share no key: files exported in key order (the usual case) skip
+        # the pass below, for the price of reading one column.
         return [np.array([], dtype=np.int64) for _ in parts]
     total = sum(int(p.report.get("valid_rows", 0)) for p in parts)
     passes = max(1, math.ceil(total / KEYS_PER_PASS))
@@ -157,6 +161,14 @@ def _repeated_across_parts(parts: list[PartOutput], key: str) -> list[np.ndarray
         for (i,), group in later.group_by("_part"):
             drops[int(i)].append(group.get_column(LINE).to_numpy())  # type: ignore[call-overload]
     return [np.sort(np.concatenate(d)) if d else np.array([], dtype=np.int64) for d in drops]
+
+
+def _disjoint(ranges: list[pl.LazyFrame]) -> bool:
+    """Whether the (lo, hi) key ranges of the parts overlap nowhere."""
+    bounds = sorted(
+        (lo, hi) for lo, hi in pl.concat(pl.collect_all(ranges)).iter_rows() if lo is not None and hi is not None
+    )
+    return all(prev[1] < nxt[0] for prev, nxt in itertools.pairwise(bounds))
 
 
 def _write_segment(

@@ -80,8 +80,10 @@ class PartKept(msgspec.Struct, kw_only=True):
 
 def plan(landing: Landing, source: str, settings: Settings) -> tuple[int, list[int]] | None:
     """(header end, cut offsets) for a file worth splitting, else None (small, gzip, or no clean cut found)."""
+    if settings.split_mb <= 0 or settings.max_parts < 2 or is_gzip(source):
+        return None  # off (the default), or a file that cannot be read from the middle
     size = landing.size(source)
-    if is_gzip(source) or size <= settings.split_mb * (1 << 20) or settings.max_parts < 2:
+    if size <= settings.split_mb * (1 << 20):
         return None
     window = (settings.max_record_kb << 10) + MARGIN
     head = b"".join(landing.chunks(source, 0, min(size, window)))
