@@ -23,7 +23,7 @@ import codecs
 import csv
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -46,7 +46,6 @@ __all__ = [
     "RAW_PREFIX_BYTES",
     "REASON",
     "Chunk",
-    "iter_chunks",
     "read_chunks",
     "read_header",
     "read_header_line",
@@ -200,32 +199,3 @@ def _put(out: queue.Queue[object], item: object, stop: threading.Event) -> bool:
     return False
 
 
-def iter_chunks(
-    stream: IO[bytes],
-    header: list[str],
-    wanted: list[str],
-    *,
-    chunk_bytes: int,
-    ints: frozenset[str] = frozenset(),
-    first_line: int = 2,
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-    on_reject: Callable[[pl.DataFrame], None] | None = None,
-) -> Iterator[pl.DataFrame]:
-    """The rows of :func:`read_chunks`. Rejected records go to ``on_reject``; without one, the first rejects the
-    file (a caller that does not keep rejected rows must not lose them silently)."""
-    for chunk in read_chunks(
-        stream,
-        header,
-        wanted,
-        chunk_bytes=chunk_bytes,
-        ints=ints,
-        first_line=first_line,
-        max_record_bytes=max_record_bytes,
-    ):
-        if not chunk.rejects.is_empty():
-            if on_reject is None:
-                line, reason = chunk.rejects.select(LINE, REASON).row(0)
-                raise FileRejected(Reason.UNREADABLE, f"line {line} cannot be read ({reason})", line=line)
-            on_reject(chunk.rejects)
-        if not chunk.rows.is_empty():
-            yield chunk.rows

@@ -20,7 +20,7 @@ from processor.duplicates import KeySpill
 from processor.errors import ConfigError, FileRejected, Reason
 from processor.ingest import ingest
 from processor.quotes import QuoteState
-from processor.reader import RAW_PREFIX_BYTES, iter_chunks, read_chunks, read_header, read_header_line
+from processor.reader import RAW_PREFIX_BYTES, read_chunks, read_header, read_header_line
 from processor.schema import ORDERS
 from processor.settings import Settings
 from processor.stage import file_id_for
@@ -189,16 +189,6 @@ def test_long_record_inside_one_block_is_rejected_too() -> None:
     assert [r[0] for r in rows] == [1, 3]
 
 
-def test_iter_chunks_without_a_reject_handler_rejects_the_file_naming_the_line() -> None:
-    with pytest.raises(FileRejected) as e:
-        list(iter_chunks(io.BytesIO(b"1,a,b\n2,a\n"), COLS, COLS, chunk_bytes=1 << 20))
-    assert e.value.reason is Reason.UNREADABLE and e.value.context["line"] == 3  # the header is line 1
-    kept: list[pl.DataFrame] = []
-    rows = list(iter_chunks(io.BytesIO(b"1,a,b\n2,a\n"), COLS, COLS, chunk_bytes=1 << 20, on_reject=kept.append))
-    assert pl.concat(rows).height == 1 and pl.concat(kept).get_column("_line").to_list() == [3]
-
-
-# --- the header ------------------------------------------------------------------------------------------------
 def test_header_field_over_the_csv_field_limit_rejects_the_file_as_unreadable() -> None:
     with pytest.raises(FileRejected) as e:
         read_header(io.BytesIO(b"order_id," + b"x" * 200_000 + b"\n1,2\n"))

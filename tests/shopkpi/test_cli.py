@@ -434,12 +434,17 @@ def test_ingest_wait_exits_with_the_worst_outcome(
     assert ("batch-1" in out.out) == bool(failed)
 
 
-def test_ingest_wait_shows_progress_on_stderr_every_few_seconds_when_not_a_terminal(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def one_file_on_a_stub_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "orders.csv"
     path.write_text("x\n")
     stub_stack(monkeypatch)
+    return path
+
+
+def test_ingest_wait_shows_progress_on_stderr_every_few_seconds_when_not_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = one_file_on_a_stub_stack(tmp_path, monkeypatch)
     landed = [operations.Landed(path, "incoming/orders/orders.csv", "1")]
     monkeypatch.setattr(operations, "ingest", lambda stack, given: landed)
 
@@ -464,9 +469,7 @@ def test_ingest_wait_shows_progress_on_stderr_every_few_seconds_when_not_a_termi
 def test_ingest_without_wait_only_uploads(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    path = tmp_path / "orders.csv"
-    path.write_text("x\n")
-    stub_stack(monkeypatch)
+    path = one_file_on_a_stub_stack(tmp_path, monkeypatch)
     monkeypatch.setattr(operations, "ingest", lambda stack, paths: [operations.Landed(path, "incoming/o", "1")])
     monkeypatch.setattr(operations, "wait", lambda *a, **k: pytest.fail("waited without --wait"))
     assert main(["ingest", str(path)]) == cli.ExitCode.OK
