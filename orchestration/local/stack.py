@@ -83,6 +83,7 @@ class EmbeddedStack:
         self._server: ThreadedMotoServer | None = None
         self._patches: MotoPatches | None = None
         self._saved_env: dict[str, str | None] = {}
+        self._saved_sfn_config: dict[str, Any] | None = None
         self.endpoint = ""
         self.clients: Clients | None = None
         self.outputs: StackOutputs | None = None
@@ -105,6 +106,11 @@ class EmbeddedStack:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._export_env()
         self.settings = replace(self.settings, endpoint_url=self.endpoint)
+        from moto.core.config import default_user_config
+
+        # moto's settings are process-wide: put them back on stop, so moto used later in this process (tests with
+        # mock_aws) gets its non-executing backend again
+        self._saved_sfn_config = dict(default_user_config["stepfunctions"])
         enable_execution(self.endpoint)
         self._patches = MotoPatches(self._run_task, server_port=self.port).install()
         self.clients = make_clients(self.settings)
@@ -140,6 +146,10 @@ class EmbeddedStack:
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"))
             self._server.stop()
+        if self._saved_sfn_config is not None:
+            from moto.core.config import default_user_config
+
+            default_user_config["stepfunctions"] = self._saved_sfn_config  # type: ignore[typeddict-item]
         for k, v in self._saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
