@@ -22,6 +22,7 @@ from processor.aws.control import Queue, Workflow
 from processor.aws.dynamo import FileRecord, KpiTables, Ledger, RunRecord
 from processor.aws.s3 import S3Store
 from processor.errors import ConfigError
+from processor.landing import S3Landing
 from processor.model import CategoryKpi, OrderKpi
 from processor.pipeline import expand
 from processor.schema import detect_dataset
@@ -455,11 +456,9 @@ def _kept(stack: Stack, f: FileRecord) -> FileRecord:
     """The record with where its rows and report are kept and its file-level message, from its validation report
     (``reports/<file_id>/report.json``): the rejected-rows CSV is there for every file that had rejected rows,
     accepted or not (a quarantined file's are also copied beside it in ``rejected/``)."""
-    key = f"reports/{f.file_id}/report.json"
-    data = stack.s3.get_bytes(key) if f.file_id and stack.s3.exists(key) else None
-    if data is None:
+    report = S3Landing(stack.s3).get_report(f.file_id) if f.file_id else None
+    if report is None:
         return f
-    report: dict[str, Any] = msgspec.json.decode(data)
     warnings = [str(w) for w in report.get("warnings") or []]
     message = f.message or report.get("message") or "; ".join(warnings) or None
     return msgspec.structs.replace(

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from processor.errors import FileRejected, Reason
-from processor.ingest import SAMPLES_PER_REASON
+from processor.ingest import SAMPLES_PER_REASON, file_rule
 from processor.model import ValidationResult
 from processor.schema import BUCKET, Dataset
 from processor.split import Split, first_samples, line_shifts
@@ -115,15 +115,7 @@ class _Totals:
         return cls(rows, valid, dict(sorted(counts.items())), samples)
 
     def file_rule(self, max_invalid_share: float) -> FileRejected | None:
-        """The file-level rule the totals break (SPEC 2: no data rows, too many invalid rows), if any."""
-        context: dict[str, Any] = {"rows": self.rows, "valid_rows": self.valid, "rejects_by_reason": self.counts}
-        if self.rows == 0:
-            return FileRejected(Reason.EMPTY_FILE, "the file has a header but no data rows", **context)
-        invalid = self.rows - self.valid
-        if invalid / self.rows > max_invalid_share:
-            message = too_many_invalid_message(invalid, self.rows, max_invalid_share)
-            return FileRejected(Reason.TOO_MANY_INVALID, message, samples=self.samples, **context)
-        return None
+        return file_rule(self.rows, self.valid, self.counts, self.samples, max_invalid_share)
 
 
 def _result_fields(report: dict[str, Any]) -> dict[str, Any]:
@@ -227,9 +219,6 @@ def _csv_batches(path: Path) -> Iterator[pl.DataFrame]:
     """A part's rejected rows in batches (every column as text: they are written back as they were read)."""
     yield from pl.scan_csv(path, infer_schema=False).collect_batches()
 
-
-def too_many_invalid_message(invalid: int, rows: int, limit: float) -> str:
-    return f"{invalid} of {rows} rows invalid ({invalid / rows:.1%}), above the limit of {limit:.1%}"
 
 
 def _with_duplicate_samples(samples: list[dict[str, Any]], duplicates: pl.DataFrame) -> list[dict[str, Any]]:

@@ -283,18 +283,28 @@ def _drop_duplicates(
 
 def _verdict(rows: int, valid_rows: int, rejects: _RejectSink, max_invalid_share: float) -> None:
     """The file-level rules on the counts: no data rows, or too many invalid ones, rejects the file."""
-    counts = dict(sorted(rejects.counts.items()))
+    broken = file_rule(rows, valid_rows, dict(sorted(rejects.counts.items())), rejects.samples, max_invalid_share)
+    if broken is not None:
+        raise broken
+
+
+def file_rule(
+    rows: int, valid_rows: int, counts: dict[str, int], samples: list[dict[str, Any]], max_invalid_share: float
+) -> FileRejected | None:
+    """The file-level rule a whole file's counts break (SPEC 2: no data rows, too many invalid rows), if any; a
+    split file's combine step judges its totals with it too."""
     context: dict[str, Any] = {"rows": rows, "valid_rows": valid_rows, "rejects_by_reason": counts}
     if rows == 0:
-        raise FileRejected(Reason.EMPTY_FILE, "the file has a header but no data rows", **context)
+        return FileRejected(Reason.EMPTY_FILE, "the file has a header but no data rows", **context)
     invalid = rows - valid_rows
     if invalid / rows > max_invalid_share:
-        raise FileRejected(
+        return FileRejected(
             Reason.TOO_MANY_INVALID,
             f"{invalid} of {rows} rows invalid ({invalid / rows:.1%}), above the limit of {max_invalid_share:.1%}",
-            samples=rejects.samples,
+            samples=samples,
             **context,
         )
+    return None
 
 
 def _repeats(keys: pl.Series) -> pl.Series | None:

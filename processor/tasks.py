@@ -220,24 +220,21 @@ def validate_part(job: split.PartJob, settings: Settings, ws: Workspace) -> dict
 
 
 def combine_parts(plan: split.Split, settings: Settings, ws: Workspace) -> dict[str, Any]:
-    """The whole file's outcome from its parts' (see processor.combine); then as ``validate`` for a whole file."""
-    outputs = []
-    for part in plan.parts:
-        data = ws.staging.get_bytes(split.part_key(plan.file_id, part.part, "json"))
-        if data is None and (done_before := ws.landing.get_report(plan.file_id)) is not None:
-            # A retry of a combine step that finished (its report is the last thing it writes before the parts go)
-            return {k: done_before[k] for k in done_before if k != "samples"}
-        if data is None:
-            raise InternalError(f"part {part.part} of {plan.source} left no result: its task did not finish")
-        kept = msgspec.json.decode(data, type=split.PartKept)
-        outputs.append(
-            PartOutput(
-                report=kept.report,
-                newlines=kept.newlines,
-                segment=ws.staging.local_path(kept.segment) if kept.segment else None,
-                rejects=ws.staging.local_path(kept.rejects) if kept.rejects else None,
-            )
-        )
+    """The whole file's outcome from its parts' (see processor.combine); then as ``validate`` for a whole file.
+
+    The file's report is the last thing written before the parts go, so a report found means the file was combined
+    already: by an earlier attempt of this step, or by the execution of another delivery of the same object, which
+    shares its parts. Then the answer is that report, and any part left behind is removed."""
+    try:
+        outputs = _part_outputs(plan, ws)
+    except NotFound:
+        outputs = None
+    if outputs is None:
+        done_before = ws.landing.get_report(plan.file_id)
+        if done_before is None:
+            raise InternalError(f"a part of {plan.source} left no result: its task did not finish")
+        _remove_parts(plan, ws)
+        return {k: done_before[k] for k in done_before if k != "samples"}
     with _scratch(settings, "validate") as tmp:
         done = combine(plan, outputs, detect_dataset(plan.source), settings.max_invalid_share, tmp)
         segment = None
@@ -250,10 +247,33 @@ def combine_parts(plan: split.Split, settings: Settings, ws: Workspace) -> dict[
             )  # fmt: skip
             segment = (done.segment, seg)
         answer = _keep(ws, settings, done.result, done.report, segment, done.rejects)
-    for part in plan.parts:  # their successors (segment, report, rejected rows) are written: now they can go
+    _remove_parts(plan, ws)  # their successors (segment, report, rejected rows) are written: now they can go
+    return answer
+
+
+def _part_outputs(plan: split.Split, ws: Workspace) -> list[PartOutput] | None:
+    """What each part left (its files fetched), or None when a part's result is missing."""
+    outputs = []
+    for part in plan.parts:
+        data = ws.staging.get_bytes(split.part_key(plan.file_id, part.part, "json"))
+        if data is None:
+            return None
+        kept = msgspec.json.decode(data, type=split.PartKept)
+        outputs.append(
+            PartOutput(
+                report=kept.report,
+                newlines=kept.newlines,
+                segment=ws.staging.local_path(kept.segment) if kept.segment else None,
+                rejects=ws.staging.local_path(kept.rejects) if kept.rejects else None,
+            )
+        )
+    return outputs
+
+
+def _remove_parts(plan: split.Split, ws: Workspace) -> None:
+    for part in plan.parts:
         for what in ("parquet", "csv", "json"):
             ws.staging.delete(split.part_key(plan.file_id, part.part, what))
-    return answer
 
 
 # --- transform / quarantine ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ class TemplateStore:
     def __init__(self, client: Any, stack: str, account: str, region: str) -> None:
         self.client = client
         self.region = region
-        self.bucket = f"{stack}-deploy-{account}-{region}"
+        self.bucket = f"{stack.lower()}-deploy-{account}-{region}"
 
     def where(self, body: str) -> dict[str, str]:
         """The argument that hands ``body`` to CloudFormation: ``TemplateBody`` when it fits, else ``TemplateURL``
@@ -47,16 +47,19 @@ class TemplateStore:
         return f"https://{self.bucket}.s3.{self.region}.amazonaws.com/{key}"
 
     def ensure_bucket(self) -> None:
+        """Create the bucket if need be, then (again, every time: a first run may have stopped half-way) block
+        public access, encrypt and expire its objects; each of these calls is idempotent."""
         try:
             with aws_call("s3.head_bucket", bucket=self.bucket):
                 self.client.head_bucket(Bucket=self.bucket)
-            return
         except ShopKpiError as e:
             if e.context.get("aws_code") not in ("404", "NoSuchBucket", "NotFound"):
                 raise
-        where = {} if self.region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": self.region}}
-        with aws_call("s3.create_bucket", bucket=self.bucket):
-            self.client.create_bucket(Bucket=self.bucket, **where)
+            where = {"CreateBucketConfiguration": {"LocationConstraint": self.region}}
+            with aws_call("s3.create_bucket", bucket=self.bucket):
+                # us-east-1 is the one region that refuses its own name as a location constraint
+                self.client.create_bucket(Bucket=self.bucket, **({} if self.region == "us-east-1" else where))
+        with aws_call("s3.put_bucket_settings", bucket=self.bucket):
             self.client.put_public_access_block(
                 Bucket=self.bucket,
                 PublicAccessBlockConfiguration={

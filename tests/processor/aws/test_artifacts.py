@@ -32,3 +32,15 @@ def test_a_big_template_goes_to_a_private_encrypted_deploy_bucket_and_cloudforma
     assert len(s3.list_objects_v2(Bucket=bucket)["Contents"]) == 1
     summary = boto3.client("cloudformation", region_name="eu-west-1").get_template_summary(**where)
     assert summary["ResourceTypes"] == ["AWS::SNS::Topic"]
+
+
+@mock_aws
+def test_a_deploy_bucket_left_half_made_is_private_and_encrypted_after_the_next_deploy() -> None:
+    # A first deploy that stopped right after CreateBucket must not leave a bucket without its settings for good.
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="shop-deploy-123456789012-us-east-1")
+    TemplateStore(s3, "Shop", "123456789012", "us-east-1").put("Resources: {}\n")
+    assert s3.get_public_access_block(Bucket="shop-deploy-123456789012-us-east-1")[
+        "PublicAccessBlockConfiguration"
+    ]["RestrictPublicBuckets"]
+    assert s3.get_bucket_lifecycle_configuration(Bucket="shop-deploy-123456789012-us-east-1")["Rules"]
