@@ -30,6 +30,7 @@ import io
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -405,7 +406,13 @@ def make_server(
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def serve(server: ThreadingHTTPServer) -> threading.Thread:
+@contextmanager
+def serving(server: ThreadingHTTPServer) -> Iterator[str]:
+    """Serve on a background thread while the block runs (its base URL), then shut the server down."""
     thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
     thread.start()
-    return thread
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

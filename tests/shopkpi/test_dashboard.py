@@ -21,7 +21,7 @@ import pytest
 
 from processor.aws.dynamo import FileRecord
 from processor.model import CategoryKpi, OrderKpi
-from shopkpi.dashboard import Period, make_server, period, ranking, serve, static_files, trend
+from shopkpi.dashboard import Period, make_server, period, ranking, serving, static_files, trend
 from shopkpi.health import Execution, Health, executions, file_issues
 from tests.builders import BIG_DAY, day_kpi
 
@@ -44,11 +44,8 @@ def url() -> Iterator[str]:
     def category(c: str | None, f: str | None, t: str | None) -> list[CategoryKpi]:
         return [k for k in CATEGORY if (f is None or k.order_date >= f) and (t is None or k.order_date <= t)]
 
-    server = make_server("127.0.0.1", 0, daily, category)
-    serve(server)
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(make_server("127.0.0.1", 0, daily, category)) as base:
+        yield base
 
 
 def get(url: str) -> tuple[int, str]:
@@ -138,13 +135,8 @@ def test_summary_defaults_to_the_days_up_to_the_newest_stored_date_with_a_null_r
 
 
 def test_summary_of_an_empty_store_says_only_the_currency() -> None:
-    server = make_server("127.0.0.1", 0, lambda f, t: [], lambda c, f, t: [])
-    serve(server)
-    try:
-        _, body = get(f"http://127.0.0.1:{server.server_address[1]}/api/summary")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(make_server("127.0.0.1", 0, lambda f, t: [], lambda c, f, t: [])) as base:
+        _, body = get(base + "/api/summary")
     assert json.loads(body) == {"currency": "USD"}
 
 
@@ -221,13 +213,8 @@ def test_health_is_a_404_without_a_reader_and_the_readers_answer_with_one(url: s
         last_merge_published=4,
         last_file=None,
     )
-    server = make_server("127.0.0.1", 0, lambda f, t: [], lambda c, f, t: [], lambda: health)
-    serve(server)
-    try:
-        _, body = get(f"http://127.0.0.1:{server.server_address[1]}/api/health")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(make_server("127.0.0.1", 0, lambda f, t: [], lambda c, f, t: [], lambda: health)) as base:
+        _, body = get(base + "/api/health")
     answer = json.loads(body)
     assert answer["executions"] == [
         {"name": "run-1", "status": "FAILED", "started_at": "t0", "stopped_at": "t1", "seconds": 3.5}
@@ -258,13 +245,8 @@ def test_json_endpoints_return_the_brief_field_names_with_two_decimal_numbers(ur
 
 
 def test_a_total_beyond_float_precision_is_served_exactly() -> None:
-    server = make_server("127.0.0.1", 0, lambda f, t: [BIG_DAY], lambda c, f, t: [])
-    serve(server)
-    try:
-        _, body = get(f"http://127.0.0.1:{server.server_address[1]}/api/daily")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(make_server("127.0.0.1", 0, lambda f, t: [BIG_DAY], lambda c, f, t: [])) as base:
+        _, body = get(base + "/api/daily")
     assert '"total_revenue":10000000000000050.05' in body and '"return_rate":33.33' in body
     assert json.loads(body, parse_float=Decimal)[0]["total_revenue"] == Decimal("10000000000000050.05")
 
@@ -396,15 +378,9 @@ def test_a_failing_read_is_a_500_and_the_dashboard_keeps_serving() -> None:
             raise RuntimeError("DynamoDB unreachable")
         return DAILY
 
-    server = make_server("127.0.0.1", 0, daily, lambda c, f, t: [])
-    serve(server)
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(make_server("127.0.0.1", 0, daily, lambda c, f, t: [])) as base:
         failed, body = request(base + "/api/daily")
         again, _ = request(base + "/api/daily")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert failed.status == 500
     assert json.loads(body)["error"] == "internal"
     assert again.status == 200

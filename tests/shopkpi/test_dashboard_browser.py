@@ -28,7 +28,7 @@ from orchestration.local.stack import EmbeddedStack
 from processor.model import CategoryKpi, OrderKpi, ratio
 from processor.settings import Settings
 from shopkpi import health
-from shopkpi.dashboard import make_server, serve
+from shopkpi.dashboard import make_server, serving
 from tests.builders import BIG_DAY
 from tests.orchestration import test_embedded_stack as embedded
 
@@ -201,10 +201,8 @@ def url(op: operations.Stack, shop: list[operations.Landed]) -> Iterator[str]:
         lambda c, f, t: operations.category(op, c, f, t),
         lambda: health.snapshot(op),
     )
-    serve(server)
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with serving(server) as base:
+        yield base + "/"
 
 
 # --- the tests -------------------------------------------------------------------------------------------------------
@@ -282,14 +280,9 @@ def test_a_new_files_kpis_appear_without_a_reload(browser: Any, url: str, op: op
 
 
 def test_a_total_beyond_float_precision_is_shown_digit_for_digit(browser: Any) -> None:
-    server = make_server("127.0.0.1", 0, lambda f, t: [BIG_DAY], lambda c, f, t: [])
-    serve(server)
-    try:
-        open_page(browser, f"http://127.0.0.1:{server.server_address[1]}/")
+    with serving(make_server("127.0.0.1", 0, lambda f, t: [BIG_DAY], lambda c, f, t: [])) as base:
+        open_page(browser, base + "/")
         shown = cards(browser)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert shown["total_revenue"] == "$10,000,000,000,000,050.05"  # a float would show ...048.00
     assert shown == expected_cards([BIG_DAY], 30)
     # this server has no health reader: its one 404 is the only error, the page asks no more
