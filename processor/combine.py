@@ -220,7 +220,6 @@ def _csv_batches(path: Path) -> Iterator[pl.DataFrame]:
     yield from pl.scan_csv(path, infer_schema=False).collect_batches()
 
 
-
 def _with_duplicate_samples(samples: list[dict[str, Any]], duplicates: pl.DataFrame) -> list[dict[str, Any]]:
     have = sum(1 for s in samples if s[REASON] == str(Reason.DUPLICATE_KEY))
     extra = [

@@ -118,6 +118,13 @@ class ConfigError(TerminalError):
     code = "ShopKpi.ConfigError"
 
 
+class StalePlan(TerminalError):
+    """A fanned-out merge's plan no longer applies (its lease ran out and another merge moved the state on, or a
+    part never finished); the files it planned are merged by the next merge."""
+
+    code = "ShopKpi.StalePlan"
+
+
 class InternalError(TerminalError):
     """An unexpected exception (a bug): reported at once instead of leaving the workflow to time out."""
 

@@ -301,6 +301,27 @@ class KeyedTable:
             self._this_run().extend(files)
         return files
 
+    def adopt(self, files: Run) -> None:
+        """Add files another process wrote for this merge (a fanned-out merge's part) to this merge's run, as
+        they are: exact for keys no other file of the run holds (parts own disjoint staging buckets)."""
+        if files:
+            self._this_run().extend(files)
+
+    def absorb(self, files: Run, scratch: Path, rows_per_file: int) -> Run:
+        """Rewrite files of this table's store as files of disjoint key ranges in this merge's run, resolving
+        keys they share (for an additive table: their weights add up); returns the new files. The inputs are
+        not named by the run: the caller deletes them once the state that replaces them is committed."""
+        if not files:
+            return []
+        out = self._merge_runs([files], scratch, bottom=False, rows_per_file=rows_per_file)
+        self._this_run().extend(out)
+        return out
+
+    @property
+    def written(self) -> Run:
+        """The files this merge added (its run), in order."""
+        return list(self.runs[-1]) if self._run_open else []
+
     def _this_run(self) -> Run:
         """This merge's run (the newest), started by its first write."""
         if not self._run_open:

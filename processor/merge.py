@@ -39,7 +39,7 @@ import msgspec
 import polars as pl
 
 from processor import kpis as K
-from processor.keyed import KeyedTable, Run, TableSpec
+from processor.keyed import KeyedTable, Run, TableFile, TableSpec
 from processor.log import get_logger
 from processor.model import CategoryKpi, MergeResult, OrderKpi
 from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS
@@ -135,7 +135,7 @@ class State:
 
 
 @dataclass
-class _Run:
+class MergeRun:
     """What one merge accumulates across its steps."""
 
     scratch: Path
@@ -186,50 +186,50 @@ def merge(
     head.buckets = head.buckets or buckets
     generation = max(generation, head.generation + 1)
     prefix = f"state/g={generation}"
-    _sweep(store, head)
+    sweep(store, head)
     state = State.open(store, head, prefix)
     segments = committed_segments(store)
     merged = set(state.agg["files"].get_column("file_id").to_list())
     delivery = [s for s in segments if s.file_id not in merged]
-    run = _Run(scratch=scratch, generation=generation, started=started, mismatched=head.mismatched)
+    run = MergeRun(scratch=scratch, generation=generation, started=started, mismatched=head.mismatched)
     scratch.mkdir(parents=True, exist_ok=True)
     if delivery:
         _apply_delivery(state, run, delivery, rows_per_pass)
 
-    pub = _publication(state, run, force_dates)
+    pub = publication(state, run, force_dates)
     written = publish(pub, generation) if publish and pub else 0
     changed = bool(delivery) or bool(run.rejects)
     if changed:
         if fence is not None:
             fence()
-        new_head = _commit(state, run, generation, prefix)
-        _collect_garbage(store, new_head, delivery)
+        new_head = commit_head(state, run, generation, prefix)
+        collect_garbage(store, new_head, delivery)
 
-    waiting = _waiting(state.agg["pending"], orphan_grace_s, now or datetime.now(UTC))
-    result = _summary(
+    waiting = waiting_items(state.agg["pending"], orphan_grace_s, now or datetime.now(UTC))
+    result = summarise(
         state, run, pub, segments=len(segments), files_merged=len(delivery), written=written, waiting=waiting
     )
     return result, pub.daily, pub.category
 
 
-def _apply_delivery(state: State, run: _Run, delivery: list[Segment], rows_per_pass: int) -> None:
+def _apply_delivery(state: State, run: MergeRun, delivery: list[Segment], rows_per_pass: int) -> None:
     """Steps 1 to 3 of the module docstring: the delivery in steps, applied one after the other, then compacted."""
     log.info("merge.start", files=len(delivery), generation=run.generation, state_rows=state.tables["order_items"].rows)
-    numbers = _register(state, delivery)
+    numbers = register_files(state, delivery)
     steps = _steps(delivery, rows_per_pass)
     with run.timed("read"):
-        run.duplicates = _duplicate_items(state, delivery, numbers, rows_per_pass)
+        run.duplicates = duplicate_items(state, delivery, numbers, rows_per_pass)
     for step in steps:
-        _apply(state, run, step, numbers)
+        apply_step(state, run, step, numbers)
     _move_customers(state, run, rows_per_pass)
     with run.timed("compact"):
         for table in state.tables.values():
             table.compact(run.scratch, rows_per_file=rows_per_pass)
 
 
-def _summary(
+def summarise(
     state: State,
-    run: _Run,
+    run: MergeRun,
     pub: Publication,
     *,
     segments: int,
@@ -266,7 +266,7 @@ def _summary(
 
 
 # --- the delivery ----------------------------------------------------------------------------------------------
-def _register(state: State, delivery: list[Segment]) -> dict[str, tuple[int, int]]:
+def register_files(state: State, delivery: list[Segment]) -> dict[str, tuple[int, int]]:
     """Number the delivery's files after those already merged; file id -> (file number, arrival version)."""
     files = state.agg["files"]
     start = files.height + 1  # files are numbered 1, 2, ... and never removed from this table
@@ -298,25 +298,36 @@ def _steps(delivery: list[Segment], rows_per_pass: int) -> list[Step]:
     total = sum(s.rows for s in big)
     if total <= rows_per_pass:
         return [[(s, None) for s in delivery]]
+    small = [(s, None) for s in delivery if s.dataset == PRODUCTS.name]
+    steps = bucket_steps(big, bucket_groups(bucket_load(big), rows_per_pass))
+    return [(small if i == 0 else []) + step for i, step in enumerate(steps)]
+
+
+def bucket_load(segments: list[Segment]) -> dict[int, float]:
+    """Staged rows per bucket (a file's rows spread evenly over the buckets it holds)."""
     load: dict[int, float] = {}
-    for s in big:
+    for s in segments:
         for b in s.buckets:
             load[b] = load.get(b, 0.0) + s.rows / max(len(s.buckets), 1)
+    return load
+
+
+def bucket_groups(load: dict[int, float], limit: float) -> list[list[int]]:
+    """Consecutive buckets in groups of at most about ``limit`` rows (a bucket bigger than that is a group)."""
     groups: list[list[int]] = [[]]
     acc = 0.0
     for b in sorted(load):
-        if groups[-1] and acc + load[b] > rows_per_pass:
+        if groups[-1] and acc + load[b] > limit:
             groups.append([])
             acc = 0.0
         groups[-1].append(b)
         acc += load[b]
-    small = [(s, None) for s in delivery if s.dataset == PRODUCTS.name]
-    steps: list[Step] = []
-    for i, g in enumerate(groups):
-        wanted = set(g)
-        part: Step = [(s, g) for s in big if wanted.intersection(s.buckets)]
-        steps.append((small if i == 0 else []) + part)
-    return steps
+    return groups
+
+
+def bucket_steps(segments: list[Segment], groups: list[list[int]]) -> list[Step]:
+    """One step per bucket group: the files holding rows of those buckets, read for those buckets only."""
+    return [[(s, g) for s in segments if set(g).intersection(s.buckets)] for g in groups]
 
 
 def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset: str) -> pl.DataFrame:
@@ -335,7 +346,7 @@ def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset
     return pl.concat(frames).collect() if frames else pl.DataFrame()
 
 
-def _duplicate_items(
+def duplicate_items(
     state: State, delivery: list[Segment], numbers: dict[str, tuple[int, int]], rows_per_pass: int
 ) -> pl.DataFrame | None:
     """Item ids that more than one file of the delivery holds, with their latest version.
@@ -363,7 +374,7 @@ def _duplicate_items(
     return dups if dups.height else None
 
 
-def _winners(run: _Run, new: pl.DataFrame, old: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _winners(run: MergeRun, new: pl.DataFrame, old: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """New versions that beat the stored ones (or have none), and of those the ones whose values differ.
 
     For items, both frames also have the old order (``order_id_old``)."""
@@ -376,12 +387,12 @@ def _winners(run: _Run, new: pl.DataFrame, old: pl.DataFrame, key: str) -> tuple
     return wins, changed
 
 
-def _apply(state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, int]]) -> None:
+def apply_step(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]]) -> None:
     """Apply one step of the delivery to the state (see the module docstring, step 2): the latest products, orders
     and items against the stored ones, the order groups they change recomputed, the changed rows appended."""
     t = state.tables
     products_old = state.agg["products"]
-    moved_products = _apply_products(state, run, step, numbers)
+    moved_products = apply_products(state, run, step, numbers)
 
     affected: list[pl.Series] = []
     order_wins = K.empty(K.ORDER_STATE)
@@ -403,7 +414,7 @@ def _apply(state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, in
         t["order_items"].append(pl.concat([tombstones, item_changed]), run.scratch)
 
 
-def _apply_products(state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, int]]) -> list[int]:
+def apply_products(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]]) -> list[int]:
     """Products, a small table kept whole: the step's winning versions replace the stored ones. Returns the ids of
     the products whose category changed (their orders' groups move between categories)."""
     raw = _read(state, step, numbers, PRODUCTS.name)
@@ -425,7 +436,7 @@ def _apply_products(state: State, run: _Run, step: Step, numbers: dict[str, tupl
 
 
 def _item_changes(
-    state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, int]], affected: list[pl.Series]
+    state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]], affected: list[pl.Series]
 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """The step's items against the stored ones: the winners (for the item index), those whose values changed, and
     tombstones for the items that left their order. Appends to ``affected`` the order groups they change: the new
@@ -447,7 +458,7 @@ def _item_changes(
 
 def _recompute_groups(
     state: State,
-    run: _Run,
+    run: MergeRun,
     group_ids: pl.Series,
     order_wins: pl.DataFrame,
     item_changed: pl.DataFrame,
@@ -476,7 +487,7 @@ def _recompute_groups(
 
 
 def _incoming(
-    state: State, run: _Run, step: Step, numbers: dict[str, tuple[int, int]], dataset: str, table: str
+    state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]], dataset: str, table: str
 ) -> tuple[pl.DataFrame, pl.DataFrame] | None:
     """The step's rows of ``dataset``, latest per key, against their stored versions (see :func:`_winners`)."""
     with run.timed("read"):
@@ -508,7 +519,7 @@ def _newest(rows: pl.DataFrame, key: str) -> pl.DataFrame:
     return rows.sort(K.VER).unique(subset=[key], keep="last", maintain_order=False)
 
 
-def _move_aggregates(state: State, run: _Run, d: K.Contribution) -> None:
+def _move_aggregates(state: State, run: MergeRun, d: K.Contribution) -> None:
     """Add a delta to the aggregates. The (user, date) counts are appended as they are; customers move in
     :func:`_move_customers`, once per merge."""
     if d.users.height:
@@ -524,16 +535,22 @@ def _move_aggregates(state: State, run: _Run, d: K.Contribution) -> None:
         run.rejects.append(d.mismatched)
 
 
-def _move_customers(state: State, run: _Run, rows_per_pass: int) -> None:
+def _move_customers(state: State, run: MergeRun, rows_per_pass: int) -> None:
     """Customers per date move when a (user, date) count leaves or reaches zero.
 
     The steps deferred their (user, date) counts; flushing sums them per (user, date) into files of disjoint user
     ranges, and each is compared with the counts before the merge (a lookup in the files the merge started with).
     A step never looks up what an earlier step of the same merge wrote: (user, date) pairs recur across the steps
     of a big delivery, and that would read every earlier file at every step."""
-    users = state.tables["users"]
     with run.timed("write"):
-        mine = users.flush(run.scratch, rows_per_pass)
+        mine = state.tables["users"].flush(run.scratch, rows_per_pass)
+    count_customers(state, run, mine)
+
+
+def count_customers(state: State, run: MergeRun, mine: list[TableFile]) -> None:
+    """Move the daily customer counts by the (user, date) counts of ``mine`` (this merge's files of the users
+    table, of disjoint user ranges), compared with the counts in the files the merge started with."""
+    users = state.tables["users"]
     moved: list[pl.DataFrame] = []
     for f in mine:
         dn = pl.read_parquet(state.store.local_path(f.key), glob=False)
@@ -553,7 +570,7 @@ def _move_customers(state: State, run: _Run, rows_per_pass: int) -> None:
 
 
 # --- publish, commit, clean up ---------------------------------------------------------------------------------
-def _publication(state: State, run: _Run, force: tuple[str, str] | None) -> Publication:
+def publication(state: State, run: MergeRun, force: tuple[str, str] | None) -> Publication:
     daily, category = state.agg["daily"], state.agg["category"]
     days = pl.DataFrame({"order_date": sorted(run.days)}, schema={"order_date": pl.Date()})
     cats = pl.DataFrame(sorted(run.cats), schema={"category": pl.String(), "order_date": pl.Date()}, orient="row")
@@ -573,7 +590,7 @@ def _publication(state: State, run: _Run, force: tuple[str, str] | None) -> Publ
     )
 
 
-def _commit(state: State, run: _Run, generation: int, prefix: str) -> Head:
+def commit_head(state: State, run: MergeRun, generation: int, prefix: str) -> Head:
     """Write the aggregates and the merge rejects, then the head: the commit point."""
     store = state.store
     keys: dict[str, str] = {}
@@ -598,7 +615,7 @@ def _commit(state: State, run: _Run, generation: int, prefix: str) -> Head:
     return head
 
 
-def _write_rejects(state: State, run: _Run, prefix: str) -> str:
+def _write_rejects(state: State, run: MergeRun, prefix: str) -> str:
     """Rows rejected at merge time, with the file and line they came from, the rule and the values compared."""
     files = state.agg["files"].select("fno", "file_id", "source").rename({"fno": "_fno"})
     rows = (
@@ -638,15 +655,15 @@ def _named(head: Head) -> set[str]:
     return keys
 
 
-def _collect_garbage(store: Store, new: Head, delivery: list[Segment]) -> None:
+def collect_garbage(store: Store, new: Head, delivery: list[Segment]) -> None:
     """Delete what the committed head no longer names: superseded state files, and the merged segments (their
     rows now live in the keyed tables; their manifests stay as the record that the file was staged)."""
-    _sweep(store, new)  # also catches this merge's own intermediate files (a run it compacted at once)
+    sweep(store, new)  # also catches this merge's own intermediate files (a run it compacted at once)
     for s in delivery:
         store.delete(s.key)
 
 
-def _sweep(store: Store, head: Head) -> None:
+def sweep(store: Store, head: Head) -> None:
     """Delete state files a crashed merge wrote but never committed (only the lock holder runs this)."""
     live = _named(head)
     for key in list(store.list_keys("state/")):
@@ -654,7 +671,7 @@ def _sweep(store: Store, head: Head) -> None:
             store.delete(key)
 
 
-def _waiting(pending: pl.DataFrame, grace_s: float, now: datetime) -> tuple[dict[str, int], dict[str, int]]:
+def waiting_items(pending: pl.DataFrame, grace_s: float, now: datetime) -> tuple[dict[str, int], dict[str, int]]:
     """Items still waiting for their order/product, and those waiting past the grace period (orphans)."""
     cutoff_us = int(now.timestamp() * 1_000_000 - grace_s * 1_000_000)
     waiting: dict[str, int] = {}

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import msgspec
 
+from processor import fanout
 from processor.errors import FileRejected, Reason
 from processor.ingest import IngestOutput, ingest, open_local
 from processor.log import context, get_logger
@@ -251,9 +252,27 @@ def merge_local(
 ) -> MergeResult:
     """Merge a local staging directory under its file lock (concurrent runs on one directory take turns)."""
     with context(stage="merge"), store.lock():
+        generation = load_head(store).generation + 1
+        plan = None
+        if force_dates is None:
+            plan = fanout.plan(
+                store,
+                generation=generation,
+                scratch=scratch / "plan",
+                buckets=settings.buckets,
+                parts=settings.merge_parts,
+                min_rows=settings.fanout_rows,
+                rows_per_pass=settings.merge_rows,
+            )
+        if plan is not None:
+            workers = min(len(plan.parts), len(os.sched_getaffinity(0)))
+            result, _, _ = fanout.merge_in_threads(
+                store, plan, scratch, workers=workers, orphan_grace_s=settings.orphan_grace_s
+            )
+            return result
         result, _, _ = merge(
             store,
-            generation=load_head(store).generation + 1,
+            generation=generation,
             scratch=scratch,
             force_dates=force_dates,
             buckets=settings.buckets,

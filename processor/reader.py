@@ -197,5 +197,3 @@ def _put(out: queue.Queue[object], item: object, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
-
-

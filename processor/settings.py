@@ -77,6 +77,12 @@ class Settings:
     max_parts: int = field(default=16, metadata={"env": "SHOPKPI_MAX_PARTS"})
     #: Staged rows (orders + items) the merge recomputes in one pass; bounds the merge's memory.
     merge_rows: int = field(default=1_000_000, metadata={"env": "SHOPKPI_MERGE_ROWS"})
+    #: Parts a first load's merge is split into (by staging bucket): parallel ECS tasks on AWS, threads locally
+    #: (at most one per core). 1 never splits. See processor.fanout.
+    merge_parts: int = field(default=4, metadata={"env": "SHOPKPI_MERGE_PARTS"})
+    #: Staged rows (orders + items) from which a first load's merge is split into SHOPKPI_MERGE_PARTS parts; a
+    #: smaller one is merged by one task (a part costs a task start, about a minute on Fargate).
+    fanout_rows: int = field(default=4_000_000, metadata={"env": "SHOPKPI_FANOUT_ROWS"})
     #: Local scratch directory (ECS ephemeral storage); large inputs are streamed to it, never held in memory.
     work_dir: Path = field(default=Path(tempfile.gettempdir()) / "shopkpi", metadata={"env": "SHOPKPI_WORK_DIR"})
     #: Parallel DynamoDB batch writers.
@@ -121,10 +127,17 @@ class Settings:
             raise ConfigError(f"SHOPKPI_MAX_RECORD_KB must be positive, got {self.max_record_kb}")
         if self.split_mb < 0 or self.part_mb <= 0 or self.max_parts < 1:
             raise ConfigError("SHOPKPI_SPLIT_MB must be >= 0 (0: never), SHOPKPI_PART_MB > 0, SHOPKPI_MAX_PARTS >= 1")
+        if self.merge_parts < 1 or self.fanout_rows < 1:
+            raise ConfigError("SHOPKPI_MERGE_PARTS and SHOPKPI_FANOUT_ROWS must be positive (1 part: never split)")
         if self.writer_threads < 1:
             raise ConfigError(f"SHOPKPI_WRITER_THREADS must be positive, got {self.writer_threads}")
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise ConfigError(f"AWS_ENDPOINT_URL must start with http:// or https://, got {self.endpoint_url!r}")
+
+
+_INTEGERS = frozenset(
+    ("buckets", "chunk_mb", "max_record_kb", "merge_rows", "writer_threads", "max_parts", "merge_parts", "fanout_rows")
+)
 
 
 def _convert(name: str, raw: str) -> Any:
@@ -133,7 +146,7 @@ def _convert(name: str, raw: str) -> Any:
             return parse_share(raw)
         if name in ("orphan_grace_s", "lock_ttl_s", "heartbeat_s", "task_deadline_s"):
             return parse_duration(raw)
-        if name in ("buckets", "chunk_mb", "max_record_kb", "merge_rows", "writer_threads", "max_parts"):
+        if name in _INTEGERS:
             return int(raw)
         if name in ("split_mb", "part_mb"):
             return float(raw)
