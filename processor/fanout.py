@@ -78,7 +78,8 @@ class MergePlan(msgspec.Struct, kw_only=True):
     generation: int  # the generation the final step commits
     base: int  # the head's generation the plan was made from: a part finding another one stops
     buckets: int
-    owner: str  # the merge lock's holder (AWS): parts and the final step renew and check its lease
+    owner: str  # the merge lock's holder (AWS): parts and the final step renew and check its lease...
+    lease: int  # ... by the lock's generation (its fencing token)
     rows_per_pass: int
     delivery: list[Segment]
     numbers: dict[str, tuple[int, int]]  # file id -> (file number, arrival version)
@@ -94,6 +95,13 @@ class MergePlan(msgspec.Struct, kw_only=True):
     @property
     def key(self) -> str:
         return plan_key(self.generation)
+
+
+class PartTask(msgspec.Struct, kw_only=True):
+    """One item of the workflow's Map over the parts: which plan, which part."""
+
+    plan: str
+    part: int
 
 
 class PartResult(msgspec.Struct, kw_only=True):
@@ -114,6 +122,14 @@ def plan_key(generation: int) -> str:
     return f"state/g={generation}/plan.json"
 
 
+def plan_generation(key: str) -> int:
+    """The generation a plan's key names (``state/g=<G>/plan.json``)."""
+    try:
+        return int(key.split("/")[1].removeprefix("g="))
+    except (IndexError, ValueError):
+        raise StalePlan(f"not a merge plan's key: {key!r}") from None
+
+
 def load_plan(store: Store, key: str) -> MergePlan:
     data = store.get_bytes(key) if key.startswith("state/g=") else None
     if data is None:
@@ -131,6 +147,7 @@ def plan(
     min_rows: int,
     rows_per_pass: int,
     owner: str = "",
+    lease: int = 0,
 ) -> MergePlan | None:
     """The plan of a fanned-out first load, written to the store; None when this merge is better run as one task
     (fewer than two parts asked for, keyed state not empty, or fewer than ``min_rows`` staged rows to merge)."""
@@ -157,6 +174,7 @@ def plan(
         base=head.generation,
         buckets=head.buckets,
         owner=owner,
+        lease=lease,
         rows_per_pass=rows_per_pass,
         delivery=delivery,
         numbers=numbers,

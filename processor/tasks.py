@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import orjson
 
-from processor import split
+from processor import fanout, split
 from processor.combine import PartOutput, combine
 from processor.errors import ConfigError, InternalError, LockBusy, NotFound, ShopKpiError
 from processor.landing import Landing, LocalLanding, S3Landing
 from processor.log import configure, context, get_logger
-from processor.merge import Publication, current_kpis, merge
+from processor.merge import Publication, Publisher, current_kpis, load_head, merge
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 from processor.pipeline import merge_local, segment_for, validate_stream
 from processor.schema import detect_dataset
@@ -336,14 +336,82 @@ def run_merge(settings: Settings, ws: Workspace, force: tuple[str, str] | None) 
     # next write (fence) and never moves the head.
     ws.lease = lambda: lock.renew(owner, generation, settings.lock_ttl_s)
     ws.on_abandon = lambda: lock.release(owner, generation)
+    keep_lock = False
     try:
+        if force is None:
+            with _scratch(settings, "merge") as scratch:
+                plan = fanout.plan(
+                    ws.staging,
+                    generation=generation,
+                    scratch=scratch,
+                    buckets=settings.buckets,
+                    parts=settings.merge_parts,
+                    min_rows=settings.fanout_rows,
+                    rows_per_pass=settings.merge_rows,
+                    owner=owner,
+                    lease=generation,
+                )
+            if plan is not None:  # the parts and the final step work under this lock, which the final step releases
+                keep_lock = True
+                return {"fanout": {"plan": plan.key, "parts": list(range(len(plan.parts))), "owner": owner}}
         result, rounds = _merge_rounds(settings, ws, ws.kpis, lock, owner, generation, force)
         summary = {**msgspec.structs.asdict(result), "rounds": rounds}
         ws.ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
         return summary
     finally:
         ws.lease = ws.on_abandon = None
-        lock.release(owner, generation)
+        if not keep_lock:
+            lock.release(owner, generation)
+
+
+def _fanout_lock(settings: Settings, ws: Workspace, plan_key: str) -> tuple[MergeLock, fanout.MergePlan]:
+    """The merge lock a fanned-out merge's planning task took, and its plan; the lease is renewed with every
+    heartbeat of this task too. Stops (StaleWriter) when the lease was lost: another merge may be running."""
+    if ws.ledger is None or ws.kpis is None:
+        raise ConfigError("merge-part and merge-finish run on AWS (locally, shopkpi process runs parts in threads)")
+    from processor.aws.dynamo import MergeLock
+
+    lock = MergeLock(ws.ledger.client, ws.ledger.table)
+    plan = fanout.load_plan(ws.staging, plan_key)
+    lock.check(plan.owner, plan.lease)
+    ws.lease = lambda: lock.renew(plan.owner, plan.lease, settings.lock_ttl_s)
+    return lock, plan
+
+
+def merge_part(task: fanout.PartTask, settings: Settings, ws: Workspace) -> dict[str, Any]:
+    """One part of a fanned-out first load (processor.fanout)."""
+    lock, plan = _fanout_lock(settings, ws, task.plan)
+    with context(part=task.part), _scratch(settings, "merge") as scratch:
+        done = fanout.run_part(ws.staging, plan, task.part, scratch, fence=lambda: lock.check(plan.owner, plan.lease))
+    return {"part": task.part, "rows": done.rows, "groups": done.groups, "seconds": done.seconds}
+
+
+def merge_finish(plan_key: str, settings: Settings, ws: Workspace) -> dict[str, Any]:
+    """The final step of a fanned-out first load: commit, publish, then merge again what was handed over
+    meanwhile, and let go of the lock."""
+    generation = fanout.plan_generation(plan_key)
+    if load_head(ws.staging).generation >= generation:  # a retry of a final step that committed
+        return {"generation": generation, "already_merged": True}
+    lock, plan = _fanout_lock(settings, ws, plan_key)
+    assert ws.kpis is not None and ws.ledger is not None
+    started = datetime.now(UTC).isoformat()
+    ws.on_abandon = lambda: lock.release(plan.owner, plan.lease)
+    fence, publish = _publisher(settings, ws.kpis, lock, plan.owner, plan.lease)
+    try:
+        with context(stage="merge"), _scratch(settings, "merge") as scratch:
+            result, _, _ = fanout.finish(
+                ws.staging, plan, scratch, publish=publish, fence=fence, orphan_grace_s=settings.orphan_grace_s
+            )
+        rounds = 1
+        if not lock.release(plan.owner, plan.lease, unless_pending=True) and lock.take_pending(plan.owner, plan.lease):
+            result, more = _merge_rounds(settings, ws, ws.kpis, lock, plan.owner, plan.lease, None)
+            rounds += more
+        summary = {**msgspec.structs.asdict(result), "rounds": rounds, "parts": len(plan.parts)}
+        ws.ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
+        return summary
+    finally:
+        ws.lease = ws.on_abandon = None
+        lock.release(plan.owner, plan.lease)
 
 
 def _merge_rounds(
@@ -356,6 +424,31 @@ def _merge_rounds(
     force: tuple[str, str] | None,
 ) -> tuple[MergeResult, int]:
     """Merge and publish, again as long as another merge handed its files over meanwhile; (last result, rounds)."""
+    fence, publish = _publisher(settings, tables, lock, owner, generation)
+    rounds = 0
+    while True:
+        rounds += 1
+        with context(stage="merge"), _scratch(settings, "merge") as scratch:
+            result, _, _ = merge(
+                ws.staging,
+                generation=generation,
+                scratch=scratch,
+                publish=publish,
+                force_dates=force if rounds == 1 else None,
+                buckets=settings.buckets,
+                orphan_grace_s=settings.orphan_grace_s,
+                rows_per_pass=settings.merge_rows,
+                fence=fence,
+            )
+        if lock.release(owner, generation, unless_pending=True) or not lock.take_pending(owner, generation):
+            return result, rounds  # released (or lost: the fence stopped any write) -- else a merge handed over
+        log.info("merge.again", round=rounds + 1)
+
+
+def _publisher(
+    settings: Settings, tables: KpiTables, lock: MergeLock, owner: str, generation: int
+) -> tuple[Callable[[], None], Publisher]:
+    """The fence (raises once the lease is lost) and the publisher of a merge holding the lock."""
     computed_at = datetime.now(UTC).isoformat()
 
     def fence() -> None:
@@ -376,24 +469,7 @@ def _merge_rounds(
         )
         return int(stats.written + stats.removed)
 
-    rounds = 0
-    while True:
-        rounds += 1
-        with context(stage="merge"), _scratch(settings, "merge") as scratch:
-            result, _, _ = merge(
-                ws.staging,
-                generation=generation,
-                scratch=scratch,
-                publish=publish,
-                force_dates=force if rounds == 1 else None,
-                buckets=settings.buckets,
-                orphan_grace_s=settings.orphan_grace_s,
-                rows_per_pass=settings.merge_rows,
-                fence=fence,
-            )
-        if lock.release(owner, generation, unless_pending=True) or not lock.take_pending(owner, generation):
-            return result, rounds  # released (or lost: the fence stopped any write) -- else a merge handed over
-        log.info("merge.again", round=rounds + 1)
+    return fence, publish
 
 
 def _kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> dict[str, Any]:
@@ -521,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("file_id")
     q = sub.add_parser("quarantine", parents=[common], help="move a rejected file to rejected/ with its report")
     q.add_argument("file_id")
+    mp = sub.add_parser(
+        "merge-part", parents=[common], help="one part of a first load's merge (after merge fanned out)"
+    )
+    mp.add_argument(
+        "task", type=lambda text: msgspec.json.decode(text, type=fanout.PartTask), help='JSON: {"plan", "part"}'
+    )
+    mf = sub.add_parser("merge-finish", parents=[common], help="the final step of a fanned-out merge")
+    mf.add_argument("plan", help="the plan's key, as merge answered it (state/g=<G>/plan.json)")
     m = sub.add_parser("merge", parents=[common], help="recompute and publish the KPIs of the dates that changed")
     m.add_argument("--from", dest="date_from", help="also recompute this date range (reprocessing)")
     m.add_argument("--to", dest="date_to")
@@ -600,10 +684,13 @@ def _workspace(args: argparse.Namespace, settings: Settings) -> Workspace:
     """The landing bucket and the stack's tables for an s3:// source, an event, or a step with no ``--staging``;
     else local files with ``--staging`` (default ./shopkpi-staging) as their staging directory."""
     local = Path(args.staging) if args.staging else None
-    remote = args.command in ("merge", "transform", "quarantine", "validate-part", "combine") and local is None
+    remote = args.command in REMOTE and local is None
     if str(getattr(args, "source", "")).startswith("s3://") or getattr(args, "event", None) or remote:
         return Workspace.aws(settings)
     return Workspace.local(local or Path("shopkpi-staging"))
+
+
+REMOTE = ("merge", "merge-part", "merge-finish", "transform", "quarantine", "validate-part", "combine")
 
 
 def _run(args: argparse.Namespace, settings: Settings, ws: Workspace) -> dict[str, Any]:
@@ -613,6 +700,10 @@ def _run(args: argparse.Namespace, settings: Settings, ws: Workspace) -> dict[st
         return validate_part(args.job, settings, ws)
     if args.command == "combine":
         return combine_parts(args.split, settings, ws)
+    if args.command == "merge-part":
+        return merge_part(args.task, settings, ws)
+    if args.command == "merge-finish":
+        return merge_finish(args.plan, settings, ws)
     if args.command == "transform":
         return transform(args.file_id, ws)
     if args.command == "quarantine":
