@@ -379,6 +379,9 @@ def _winners(run: MergeRun, new: pl.DataFrame, old: pl.DataFrame, key: str) -> t
 
     For items, both frames also have the old order (``order_id_old``)."""
     carried = ["order_id"] if key == "id" else []  # an item's old order: the group it may leave
+    if old.is_empty():  # all new (a first load): every row wins and is a change
+        fresh = new.with_columns(pl.lit(None, old.schema[c]).alias(f"{c}_old") for c in carried)
+        return fresh, fresh
     j = new.join(old.select(key, *carried, K.VER, K.HASH), on=key, how="left", suffix="_old")
     seen = pl.col(f"{K.VER}_old").is_not_null()
     run.conflicts += j.filter(seen & (pl.col(K.HASH) != pl.col(f"{K.HASH}_old"))).height
@@ -468,19 +471,24 @@ def _recompute_groups(
     ``contributions(new) - contributions(old)`` (``products_old``: the products before this step)."""
     t = state.tables
     keys = pl.DataFrame({"order_id": group_ids})
+    # Keyed state empty before this merge (a first load): a group's old rows could only be in this merge's own
+    # files, and those hold other buckets (steps never share one, and no item has an old order): none to read.
+    before = 0 if state.start["orders"] == state.start["order_items"] == 0 else None
     with run.timed("lookup"):
-        orders_old = t["orders"].lookup(keys)
-        items_old = t["order_items"].lookup(keys)
+        orders_old = t["orders"].lookup(keys, files=before)
+        items_old = t["order_items"].lookup(keys, files=before)
     with run.timed("delta"):
-        orders_new = _newest(pl.concat([orders_old, order_wins.join(keys, on="order_id", how="semi")]), "order_id")
-        items_new = pl.concat([items_old.join(item_changed.select("id"), on="id", how="anti"), item_changed])
-        new_c = K.contributions(orders_new, items_new, state.agg["products"])
-        old_c = (
-            K.contributions(orders_old, items_old, products_old)
-            if orders_old.height or items_old.height
-            else K.nothing()
-        )
-        d = K.delta(new_c, old_c)
+        orders_new = order_wins.join(keys, on="order_id", how="semi")
+        items_new = item_changed
+        if orders_old.height or items_old.height:
+            orders_new = _newest(pl.concat([orders_old, orders_new]), "order_id")
+            items_new = pl.concat([items_old.join(item_changed.select("id"), on="id", how="anti"), item_changed])
+            new_c = K.contributions(orders_new, items_new, state.agg["products"])
+            old_c = K.contributions(orders_old, items_old, products_old)
+            d = K.delta(new_c, old_c)
+        else:  # all new groups: the delta is their contribution (which holds no zero figure)
+            new_c = d = K.contributions(orders_new, items_new, state.agg["products"])
+            old_c = K.nothing()
     _move_aggregates(state, run, d)
     run.mismatched += new_c.mismatched.height - old_c.mismatched.height
     run.groups += group_ids.len()
@@ -508,10 +516,9 @@ def _incoming(
     else:
         new = raw  # one file: its keys are unique (validation rejects a repeated key)
     with run.timed("lookup"):
-        # Orders: every file (a step's orders never sit in another step's files, which lookups skip by bucket).
-        # Items: only the files from before this merge, as no other step of it holds these ids (see above).
-        before = state.start[table] if dataset == ORDER_ITEMS.name else None
-        old = state.tables[table].lookup(new.select(key), files=before)
+        # Only the files from before this merge: no other step of it holds these keys (orders: steps never share
+        # a bucket; items: an id the delivery holds twice was resolved to one step, see above).
+        old = state.tables[table].lookup(new.select(key), files=state.start[table])
     return _winners(run, new, old, key)
 
 

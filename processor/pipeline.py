@@ -254,7 +254,8 @@ def merge_local(
     with context(stage="merge"), store.lock():
         generation = load_head(store).generation + 1
         plan = None
-        if force_dates is None:
+        threads = settings.merge_threads or len(os.sched_getaffinity(0)) // 2
+        if force_dates is None and threads >= 2:
             plan = fanout.plan(
                 store,
                 generation=generation,
@@ -265,9 +266,8 @@ def merge_local(
                 rows_per_pass=settings.merge_rows,
             )
         if plan is not None:
-            workers = min(len(plan.parts), len(os.sched_getaffinity(0)))
             result, _, _ = fanout.merge_in_threads(
-                store, plan, scratch, workers=workers, orphan_grace_s=settings.orphan_grace_s
+                store, plan, scratch, workers=threads, orphan_grace_s=settings.orphan_grace_s
             )
             return result
         result, _, _ = merge(

@@ -80,6 +80,10 @@ class Settings:
     #: Parts a first load's merge is split into (by staging bucket): parallel ECS tasks on AWS, threads locally
     #: (at most one per core). 1 never splits. See processor.fanout.
     merge_parts: int = field(default=4, metadata={"env": "SHOPKPI_MERGE_PARTS"})
+    #: Threads that run a fanned-out merge's parts in one process (``shopkpi process``); 0, the default, is half
+    #: the cores this process may use: polars already keeps about two cores busy for one part (measured on 2 cores:
+    #: two parts side by side took as long as the merge in one). Below 2, the local merge is not fanned out.
+    merge_threads: int = field(default=0, metadata={"env": "SHOPKPI_MERGE_THREADS"})
     #: Staged rows (orders + items) from which a first load's merge is split into SHOPKPI_MERGE_PARTS parts; a
     #: smaller one is merged by one task (a part costs a task start, about a minute on Fargate).
     fanout_rows: int = field(default=4_000_000, metadata={"env": "SHOPKPI_FANOUT_ROWS"})
@@ -127,6 +131,8 @@ class Settings:
             raise ConfigError(f"SHOPKPI_MAX_RECORD_KB must be positive, got {self.max_record_kb}")
         if self.split_mb < 0 or self.part_mb <= 0 or self.max_parts < 1:
             raise ConfigError("SHOPKPI_SPLIT_MB must be >= 0 (0: never), SHOPKPI_PART_MB > 0, SHOPKPI_MAX_PARTS >= 1")
+        if self.merge_threads < 0:
+            raise ConfigError(f"SHOPKPI_MERGE_THREADS must be >= 0 (0: half the cores), got {self.merge_threads}")
         if self.merge_parts < 1 or self.fanout_rows < 1:
             raise ConfigError("SHOPKPI_MERGE_PARTS and SHOPKPI_FANOUT_ROWS must be positive (1 part: never split)")
         if self.writer_threads < 1:
@@ -136,7 +142,17 @@ class Settings:
 
 
 _INTEGERS = frozenset(
-    ("buckets", "chunk_mb", "max_record_kb", "merge_rows", "writer_threads", "max_parts", "merge_parts", "fanout_rows")
+    (
+        "buckets",
+        "chunk_mb",
+        "max_record_kb",
+        "merge_rows",
+        "writer_threads",
+        "max_parts",
+        "merge_parts",
+        "fanout_rows",
+        "merge_threads",
+    )
 )
 
 

@@ -24,6 +24,7 @@ from tests.reference import reference_kpis
 
 # What a fan-out writes beside the state (the parts' keyed files are adopted by the committed state as they are).
 PART_FILE = re.compile(r"plan\.json$|result\.json$|duplicates\.parquet$|/p\d+/(daily|category|pending|rejects|users)")
+PART_DIR = re.compile(r"/p(\d+)/")
 COMPARED = ("files_merged", "groups_recomputed", "dates", "pending", "late_rejects", "conflicts", "state_rows")
 
 
@@ -90,8 +91,12 @@ def test_shopkpi_process_fans_out_a_big_first_load_with_the_same_kpis(
 ) -> None:
     files = shop(write_csv)
     one = process_local(files, tmp_path / "one", three_buckets)
-    fan_settings = dataclasses.replace(three_buckets, merge_parts=3, fanout_rows=1)
+    fan_settings = dataclasses.replace(three_buckets, merge_parts=3, fanout_rows=1, merge_threads=2)
     fan = process_local(files, tmp_path / "fan", fan_settings)
+    assert fan.merge.groups_recomputed == one.merge.groups_recomputed == 12
+    assert not any(PART_DIR.search(k) for k in LocalStore(tmp_path / "one").list_keys("state/"))
+    parts = {m.group(1) for k in LocalStore(tmp_path / "fan").list_keys("state/") if (m := PART_DIR.search(k))}
+    assert parts == {"0", "1", "2"}  # the keyed files each part wrote, adopted by the committed state
     assert (fan.daily, fan.category) == (one.daily, one.category)
     assert fan.merge.state_rows == one.merge.state_rows and fan.merge.conflicts == one.merge.conflicts
     assert [k.public() for k in fan.daily] == reference_kpis(files)["daily"]
