@@ -18,7 +18,6 @@ from typing import Any
 import msgspec
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from processor.errors import FileRejected, Reason
 from processor.ingest import SAMPLES_PER_REASON, file_rule
@@ -42,10 +41,19 @@ class PartOutput:
 
 
 @dataclass
+class StagedPiece:
+    """One part's staged rows as a piece of the file's segment (see processor.stage.Piece): read in place."""
+
+    part: int  # index of the part
+    shift: int  # the part's line -> the file's line
+    dropped: Path | None  # Parquet of the part's own lines repeated from an earlier part (not staged)
+
+
+@dataclass
 class Combined:
     result: ValidationResult
     report: dict[str, Any]
-    segment: Path | None  # the file's staged rows (accepted files)
+    pieces: list[StagedPiece] | None  # the file's staged rows, part by part (accepted files)
     rejects: Path | None  # the file's rejected rows
     buckets: list[int]
 
@@ -63,9 +71,10 @@ def combine(
     work.mkdir(parents=True, exist_ok=True)
     shifts = line_shifts(split, [p.newlines for p in parts])
     drops = _repeated_across_parts(parts, dataset.key)
-    rejects, segment = work / "rejected_rows.csv", work / "segment.parquet"
+    rejects = work / "rejected_rows.csv"
     repeated: list[pl.DataFrame] = []
-    buckets = _write_segment(parts, shifts, drops, segment, lambda removed: repeated.append(removed))
+    pieces = _pieces(parts, shifts, drops, work, repeated.append)
+    buckets = sorted({int(b) for p in parts if p.segment is not None for b in p.report.get("buckets", [])})
     duplicates = (
         as_rejects(pl.concat(repeated).drop(BUCKET), dataset, Reason.DUPLICATE_KEY, dataset.key) if repeated else None
     )
@@ -88,7 +97,7 @@ def combine(
         "warnings": first.get("warnings", []),
         "timings": {"parts": len(parts), "combine": round(time.perf_counter() - started, 3)},
     }
-    return Combined(result, report, segment, rejects, buckets)
+    return Combined(result, report, pieces, rejects, buckets)
 
 
 @dataclass
@@ -163,41 +172,29 @@ def _disjoint(ranges: list[pl.LazyFrame]) -> bool:
     return all(prev[1] < nxt[0] for prev, nxt in itertools.pairwise(bounds))
 
 
-def _write_segment(
+def _pieces(
     parts: list[PartOutput],
     shifts: list[int],
     drops: list[np.ndarray],
-    out: Path,
+    work: Path,
     removed: Callable[[pl.DataFrame], None],
-) -> list[int]:
-    """The parts' staged rows, in order, as one segment with the file's line numbers, without the rows repeated
-    across parts (those go to ``removed``). Row group by row group: memory holds one. Returns the buckets."""
-    writer: pq.ParquetWriter | None = None
-    bucket_rows: Counter[int] = Counter()
-    for p, shift, drop in zip(parts, shifts, drops, strict=True):
+) -> list[StagedPiece]:
+    """The parts' staged rows as pieces of one segment, read in place by the merge: nothing is rewritten. The rows
+    repeated across parts are read (those rows only) and go to ``removed`` with the file's line numbers; their
+    part's own lines are written beside the piece, for the merge to leave out."""
+    pieces = []
+    for i, (p, shift, drop) in enumerate(zip(parts, shifts, drops, strict=True)):
         if p.segment is None:
             continue
-        source = pq.ParquetFile(p.segment)
-        if writer is None:
-            writer = pq.ParquetWriter(
-                out, source.schema_arrow, compression="lz4", use_dictionary=False, write_statistics=[BUCKET, LINE]
-            )
-        for g in range(source.num_row_groups):
-            group = pl.from_arrow(source.read_row_group(g))
-            assert isinstance(group, pl.DataFrame)
-            if drop.size:
-                hit = group.get_column(LINE).is_in(pl.Series(drop).implode())
-                if hit.any():
-                    removed(group.filter(hit).with_columns(pl.col(LINE) + shift))
-                    group = group.filter(~hit)
-            group = group.with_columns(pl.col(LINE) + shift)
-            bucket_rows.update(dict(group.get_column(BUCKET).value_counts().iter_rows()))
-            if group.height:
-                writer.write_table(group.to_arrow().cast(source.schema_arrow), row_group_size=group.height)
-        source.close()
-    if writer is not None:
-        writer.close()
-    return sorted(b for b, n in bucket_rows.items() if n > 0)
+        dropped = None
+        if drop.size:
+            lines = pl.DataFrame({LINE: drop}, schema={LINE: pl.Int64()})
+            rows = pl.scan_parquet(p.segment, glob=False).join(lines.lazy(), on=LINE, how="semi").collect()
+            removed(rows.with_columns(pl.col(LINE) + shift))
+            dropped = work / f"dropped-{i}.parquet"
+            lines.write_parquet(dropped)
+        pieces.append(StagedPiece(i, shift, dropped))
+    return pieces
 
 
 def _write_rejects(parts: list[PartOutput], shifts: list[int], duplicates: pl.DataFrame | None, out: Path) -> None:

@@ -44,7 +44,7 @@ from processor.log import get_logger
 from processor.model import CategoryKpi, MergeResult, OrderKpi
 from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS
 from processor.settings import Settings
-from processor.stage import Segment, committed_segments
+from processor.stage import Segment, committed_segments, scan_segment
 from processor.store import Store
 
 log = get_logger("merge")
@@ -337,7 +337,7 @@ def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset
     for seg, group in step:
         if seg.dataset != dataset:
             continue
-        lf = pl.scan_parquet(state.store.local_path(seg.key), glob=False)
+        lf = scan_segment(state.store, seg)
         if group is not None:
             lf = lf.filter(pl.col(BUCKET).is_in(group))
         fno, ver = numbers[seg.file_id]
@@ -357,12 +357,7 @@ def duplicate_items(
     files = [s for s in delivery if s.dataset == ORDER_ITEMS.name]
     if len(files) < 2:
         return None
-    scans = [
-        pl.scan_parquet(state.store.local_path(s.key), glob=False).select(
-            "id", pl.lit(numbers[s.file_id][1]).alias("best")
-        )
-        for s in files
-    ]
+    scans = [scan_segment(state.store, s).select("id", pl.lit(numbers[s.file_id][1]).alias("best")) for s in files]
     passes = max(1, -(-sum(s.rows for s in files) // rows_per_pass))
     found = []
     for p in range(passes):
@@ -667,7 +662,8 @@ def collect_garbage(store: Store, new: Head, delivery: list[Segment]) -> None:
     rows now live in the keyed tables; their manifests stay as the record that the file was staged)."""
     sweep(store, new)  # also catches this merge's own intermediate files (a run it compacted at once)
     for s in delivery:
-        store.delete(s.key)
+        for key in s.objects():
+            store.delete(key)
 
 
 def sweep(store: Store, head: Head) -> None:

@@ -22,8 +22,21 @@ import re
 from pathlib import Path
 
 import msgspec
+import polars as pl
 
 from processor.store import Store
+
+LINE = "_line"  # the staged rows' line numbers in their file (processor.validate.LINE)
+
+
+class Piece(msgspec.Struct, frozen=True, kw_only=True):
+    """One part of a file validated in parts (processor.split), staged as that part's task wrote it and read in
+    place: its lines are the part's own, ``shift`` makes them the file's; ``dropped`` names a Parquet of the
+    part's own lines whose key an earlier part holds (rejected as ``duplicate_key``, not staged)."""
+
+    key: str
+    shift: int
+    dropped: str | None = None
 
 
 class Segment(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,7 +48,25 @@ class Segment(msgspec.Struct, frozen=True, kw_only=True):
     arrival_us: int  # arrival time, microseconds since the epoch: the later version of a key wins
     rows: int
     buckets: list[int]  # buckets that hold rows of this file
-    key: str  # staged Parquet, relative to the staging root
+    key: str  # staged Parquet, relative to the staging root (unless the file was validated in pieces)
+    pieces: list[Piece] = msgspec.field(default_factory=list)  # a file validated in parts: its rows, part by part
+
+    def objects(self) -> list[str]:
+        """Every object holding this segment's rows (what a merge deletes once it applied them)."""
+        return [self.key] + [k for p in self.pieces for k in (p.key, p.dropped) if k is not None]
+
+
+def scan_segment(store: Store, seg: Segment) -> pl.LazyFrame:
+    """The staged rows of a segment, with the file's line numbers, whether it is one file or pieces."""
+    if not seg.pieces:
+        return pl.scan_parquet(store.local_path(seg.key), glob=False)
+    frames = []
+    for p in seg.pieces:
+        rows = pl.scan_parquet(store.local_path(p.key), glob=False)
+        if p.dropped is not None:
+            rows = rows.join(pl.scan_parquet(store.local_path(p.dropped), glob=False), on=LINE, how="anti")
+        frames.append(rows.with_columns(pl.col(LINE) + p.shift))
+    return pl.concat(frames)
 
 
 def file_id_for(source: str, version: str) -> str:

@@ -35,6 +35,9 @@ class Store(Protocol):
 
     def list_keys(self, prefix: str) -> Iterator[str]: ...
     def delete(self, key: str) -> None: ...
+    def copy(self, src: str, dst: str) -> None:
+        """Copy an object within the store without reading it here (S3: a server-side copy)."""
+        ...
 
 
 class LocalStore:
@@ -64,6 +67,9 @@ class LocalStore:
         tmp = dest.with_name(dest.name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(dest)
+
+    def copy(self, src: str, dst: str) -> None:
+        self.put_file(self._path(src), dst)  # objects are never changed in place: a hard link is a copy
 
     def get_bytes(self, key: str) -> bytes | None:
         p = self._path(key)
@@ -124,6 +130,9 @@ class S3StagingStore:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.s3.put_bytes(self.prefix + key, data)
+
+    def copy(self, src: str, dst: str) -> None:
+        self.s3.copy(self.prefix + src, self.prefix + dst)
 
     def get_bytes(self, key: str) -> bytes | None:
         if not self.s3.exists(self.prefix + key):

@@ -45,7 +45,7 @@ import msgspec
 import orjson
 
 from processor import fanout, split
-from processor.combine import PartOutput, combine
+from processor.combine import PartOutput, StagedPiece, combine
 from processor.errors import ConfigError, InternalError, LockBusy, NotFound, ShopKpiError
 from processor.landing import Landing, LocalLanding, S3Landing
 from processor.log import configure, context, get_logger
@@ -54,7 +54,7 @@ from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 from processor.pipeline import merge_local, segment_for, validate_stream
 from processor.schema import detect_dataset
 from processor.settings import Settings
-from processor.stage import Segment, commit_manifest, file_id_for, is_committed, segment_key
+from processor.stage import Piece, Segment, commit_manifest, file_id_for, is_committed, segment_key
 from processor.store import LocalStore, S3StagingStore, Store
 
 if TYPE_CHECKING:
@@ -177,14 +177,17 @@ def _keep(
     settings: Settings,
     result: ValidationResult,
     report: dict[str, Any],
-    segment: tuple[Path, Segment] | None,
+    segment: tuple[Path, Segment] | Segment | None,
     rejects: Path | None,
 ) -> dict[str, Any]:
-    """Upload a file's staged segment (not yet committed), report and rejected rows; record its outcome."""
+    """Upload a file's staged segment (not yet committed; a segment of pieces is in place already), report and
+    rejected rows; record its outcome."""
     report = dict(report)
-    if segment is not None:
+    if isinstance(segment, tuple):
         ws.staging.put_file(segment[0], segment[1].key)
-        report["segment"] = msgspec.structs.asdict(segment[1])
+        segment = segment[1]
+    if segment is not None:
+        report["segment"] = msgspec.to_builtins(segment)
     report = ws.landing.put_report(result.file_id, report, rejects)
     if ws.ledger is not None:
         ws.ledger.record_file(result, settings.execution_id)
@@ -238,17 +241,33 @@ def combine_parts(plan: split.Split, settings: Settings, ws: Workspace) -> dict[
     with _scratch(settings, "validate") as tmp:
         done = combine(plan, outputs, detect_dataset(plan.source), settings.max_invalid_share, tmp)
         segment = None
-        if done.segment is not None and done.result.dataset is not None:
+        if done.pieces is not None and done.result.dataset is not None:
             arrival = datetime.fromisoformat(plan.arrival)
-            seg = Segment(
+            segment = Segment(
                 file_id=plan.file_id, dataset=done.result.dataset, source=done.result.source,
                 arrival_us=int(arrival.timestamp() * 1_000_000), rows=done.result.valid_rows, buckets=done.buckets,
                 key=segment_key(done.result.dataset, plan.file_id),
+                pieces=_stage_pieces(plan, done.pieces, done.result.dataset, ws),
             )  # fmt: skip
-            segment = (done.segment, seg)
         answer = _keep(ws, settings, done.result, done.report, segment, done.rejects)
     _remove_parts(plan, ws)  # their successors (segment, report, rejected rows) are written: now they can go
     return answer
+
+
+def _stage_pieces(plan: split.Split, pieces: list[StagedPiece], dataset: str, ws: Workspace) -> list[Piece]:
+    """The parts' staged rows copied where segments live, as they are (S3: a server-side copy, no byte passes
+    through this task), with the lines each drops: the pieces of the file's segment, committed by transform."""
+    staged = []
+    base = segment_key(dataset, plan.file_id).removesuffix(".parquet")
+    for piece in pieces:
+        key = f"{base}/part-{piece.part:03d}.parquet"
+        ws.staging.copy(split.part_key(plan.file_id, plan.parts[piece.part].part, "parquet"), key)
+        dropped = None
+        if piece.dropped is not None:
+            dropped = f"{base}/part-{piece.part:03d}.dropped.parquet"
+            ws.staging.put_file(piece.dropped, dropped)
+        staged.append(Piece(key=key, shift=piece.shift, dropped=dropped))
+    return staged
 
 
 def _part_outputs(plan: split.Split, ws: Workspace) -> list[PartOutput] | None:
