@@ -47,8 +47,12 @@ from processor.errors import RetryableError
 from processor.log import get_logger
 from processor.model import CategoryKpi, OrderKpi
 
-#: The Task states of the workflow that run an ECS task, as reported per stage ("Quarantine" only for bad files).
-STAGES = ("Validate", "Transform", "Quarantine", "Merge")
+#: The Task states of the workflow that run an ECS task, as reported per stage ("Quarantine" only for bad files;
+#: "ValidatePart" and "Combine" only for a file above SHOPKPI_SPLIT_MB, "MergePart" and "MergeFinish" only for a
+#: first load above SHOPKPI_FANOUT_ROWS).
+STAGES = ("Validate", "ValidatePart", "Combine", "Transform", "Quarantine", "Merge", "MergePart", "MergeFinish")
+#: The stages whose entries are one file each, reported with their bytes.
+FILE_STAGES = ("Validate", "Transform", "Quarantine")
 #: Marks a complete data set in the cache: written last, after every file.
 COMPLETE = "manifest.json"
 MIB = 1024 * 1024
@@ -334,7 +338,8 @@ def _read_history(events: list[dict[str, Any]], name: str, sizes: dict[str, int]
             details = ev["stateEnteredEventDetails"]
             state = details["name"]
             if state in out.stages:
-                entered[ev["id"]] = (state, at, _bytes_of(details.get("input", ""), sizes))
+                size = _bytes_of(details.get("input", ""), sizes) if state in FILE_STAGES else 0
+                entered[ev["id"]] = (state, at, size)
                 owner[ev["id"]] = ev["id"]
                 stage = out.stages[state]
                 stage.entries += 1
@@ -717,13 +722,13 @@ def _stages(result: Result, rows: int) -> dict[str, dict[str, Any]]:
             "task_seconds": _r(st.task_seconds),
             "span_seconds": _r(span),
         }
-        if name != "Merge":
+        if name in FILE_STAGES:
             row.update(
                 mb=round(st.bytes / 1e6, 1),
                 mb_per_task_s=_r(st.bytes / 1e6 / st.task_seconds) if st.task_seconds else None,
                 mb_per_s=_r(st.bytes / 1e6 / span) if span else None,
             )
-        else:
+        elif name == "Merge":
             # A run's summary is its last round's: its own start and end bound all of its rounds.
             work = sum(_epoch(r.ended_at) - _epoch(r.started_at) for r in result.runs if r.ended_at)
             row.update(

@@ -68,9 +68,9 @@ class Settings:
     #: being held whole, and so is the rest of a file behind an unclosed quote. Also bounds the header row.
     max_record_kb: int = field(default=1024, metadata={"env": "SHOPKPI_MAX_RECORD_KB"})
     #: Mebibytes above which an uncompressed file is validated by parallel tasks, one per part (see
-    #: processor.split); 0, the default, never splits. Splitting does not pay yet: the combine step rewrites the
-    #: staged rows, which costs about 0.7 of reading the file whole (docs/workflow.md, measured).
-    split_mb: float = field(default=0.0, metadata={"env": "SHOPKPI_SPLIT_MB"})
+    #: processor.split); 0 never splits. The default suits Fargate: splitting adds two task starts (30-60 s each),
+    #: which a file pays back from about 10-20 GB (docs/workflow.md, measured).
+    split_mb: float = field(default=16384.0, metadata={"env": "SHOPKPI_SPLIT_MB"})
     #: Mebibytes of a split file per part (at most SHOPKPI_MAX_PARTS parts: bigger parts beyond that).
     part_mb: float = field(default=1024.0, metadata={"env": "SHOPKPI_PART_MB"})
     #: Most parts one file is split into (and so most tasks validating one file at once).
@@ -79,14 +79,15 @@ class Settings:
     merge_rows: int = field(default=1_000_000, metadata={"env": "SHOPKPI_MERGE_ROWS"})
     #: Parts a first load's merge is split into (by staging bucket): parallel ECS tasks on AWS, threads locally
     #: (at most one per core). 1 never splits. See processor.fanout.
-    merge_parts: int = field(default=4, metadata={"env": "SHOPKPI_MERGE_PARTS"})
+    merge_parts: int = field(default=8, metadata={"env": "SHOPKPI_MERGE_PARTS"})
     #: Threads that run a fanned-out merge's parts in one process (``shopkpi process``); 0, the default, is half
     #: the cores this process may use: polars already keeps about two cores busy for one part (measured on 2 cores:
     #: two parts side by side took as long as the merge in one). Below 2, the local merge is not fanned out.
     merge_threads: int = field(default=0, metadata={"env": "SHOPKPI_MERGE_THREADS"})
-    #: Staged rows (orders + items) from which a first load's merge is split into SHOPKPI_MERGE_PARTS parts; a
-    #: smaller one is merged by one task (a part costs a task start, about a minute on Fargate).
-    fanout_rows: int = field(default=4_000_000, metadata={"env": "SHOPKPI_FANOUT_ROWS"})
+    #: Staged rows (orders + items) from which a first load's merge is split into SHOPKPI_MERGE_PARTS parts. The
+    #: default (about 8.5 GB of CSV) suits Fargate: a fan-out adds two task starts, which a merge pays back from
+    #: about 100-250 M rows (docs/performance.md, measured); lower it where parts start at once (threads).
+    fanout_rows: int = field(default=100_000_000, metadata={"env": "SHOPKPI_FANOUT_ROWS"})
     #: Local scratch directory (ECS ephemeral storage); large inputs are streamed to it, never held in memory.
     work_dir: Path = field(default=Path(tempfile.gettempdir()) / "shopkpi", metadata={"env": "SHOPKPI_WORK_DIR"})
     #: Parallel DynamoDB batch writers.

@@ -234,7 +234,9 @@ def summary(data: dict[str, Any], folder: Path) -> None:
 def _stage_text(v: dict[str, Any]) -> str:
     if "mb" in v:
         return f"{v['entries']} tasks, {v['task_seconds']} task-s, {v['mb_per_task_s']} MB/s per task"
-    return f"{v['runs']} runs, {v['merge_seconds']} merge-s, {v['rows_per_merge_s']} rows/merge-s"
+    if "runs" in v:
+        return f"{v['runs']} runs, {v['merge_seconds']} merge-s, {v['rows_per_merge_s']} rows/merge-s"
+    return f"{v['entries']} tasks, {v['task_seconds']} task-s, span {v['span_seconds']} s"
 
 
 if __name__ == "__main__":
