@@ -144,8 +144,12 @@ class S3StagingStore:
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             name = dest.name.rpartition(_VERSION)[0]
-            for stale in dest.parent.glob(f"*{_VERSION}*"):  # other versions of this key: never read again
-                if stale.name.rpartition(_VERSION)[0] == name:
+            # Other versions of this key are never read again. Not this version (another task sharing the cache,
+            # as the embedded stack's do, may have just downloaded it and be reading it) nor a download in progress.
+            for stale in dest.parent.glob(f"*{_VERSION}*"):
+                key_name, _, version = stale.name.rpartition(_VERSION)
+                downloading = "." in version  # <etag>.<id>.part, and the transfer's own <...>.part.<random>
+                if key_name == name and stale.name != dest.name and not downloading:
                     stale.unlink(missing_ok=True)
             tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}.part")
             self.s3.download(self.prefix + key, tmp)

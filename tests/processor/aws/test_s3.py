@@ -263,6 +263,29 @@ def test_staging_cache_never_serves_another_stacks_object_under_the_same_key(tmp
     assert len(list(cache.rglob("daily-1.parquet*"))) == 1  # the first stack's copy is gone, not kept beside
 
 
+def test_staging_cache_leaves_another_tasks_download_of_the_same_key_alone(tmp_path: Path) -> None:
+    # Tasks sharing one cache (the embedded stack's) read the same objects at once: the parts of a fanned-out merge.
+    from moto import mock_aws
+
+    from processor.store import S3StagingStore
+
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+        client.create_bucket(Bucket=BUCKET)
+        staging = S3StagingStore(S3Store(client, BUCKET), "staging", tmp_path / "cache")
+        staging.put_bytes("state/plan.json", b"v1")
+        first = staging.local_path("state/plan.json")
+        # another task's download, not yet renamed (boto3 writes it under a name of its own first)
+        in_progress = first.with_name(first.name + ".0123abcd.part.1BcA5c5A")
+        in_progress.write_bytes(b"v")
+        first.unlink()  # as if this task had looked before the other one finished
+        assert staging.local_path("state/plan.json").read_bytes() == b"v1"
+        assert in_progress.exists()
+        staging.put_bytes("state/plan.json", b"v2")  # a new version: the old copy goes, the download stays
+        assert staging.local_path("state/plan.json").read_bytes() == b"v2"
+        assert not first.exists() and in_progress.exists()
+
+
 def test_keys_are_url_encoded_as_s3_events_write_them_and_decoded_back() -> None:
     from hypothesis import given
     from hypothesis import strategies as st
