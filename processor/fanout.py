@@ -87,6 +87,7 @@ class MergePlan(msgspec.Struct, kw_only=True):
     products: str  # the products after this delivery (a Parquet key)
     duplicates: str | None = None  # item ids delivered more than once -> latest version (a Parquet key)
     conflicts: int = 0  # products delivered with different values
+    started: str = ""  # when the planning merge began (ISO 8601, UTC): the fanned-out merge's run starts there
 
     @property
     def prefix(self) -> str:
@@ -148,6 +149,7 @@ def plan(
     rows_per_pass: int,
     owner: str = "",
     lease: int = 0,
+    started: str = "",
 ) -> MergePlan | None:
     """The plan of a fanned-out first load, written to the store; None when this merge is better run as one task
     (fewer than two parts asked for, keyed state not empty, or fewer than ``min_rows`` staged rows to merge)."""
@@ -179,12 +181,13 @@ def plan(
         delivery=delivery,
         numbers=numbers,
         parts=[g for g in bucket_groups(load, total / parts) if g],
-        products=_put_frame(store, scratch, state.agg["products"], f"{prefix}/products.parquet"),
+        products=_put_frame(store, scratch, state.agg["products"], f"{prefix}/plan-products.parquet"),
         conflicts=run.conflicts,
+        started=started,
     )
     dups = duplicate_items(state, delivery, numbers, rows_per_pass)
     if dups is not None:
-        the_plan.duplicates = _put_frame(store, scratch, dups, f"{prefix}/duplicates.parquet")
+        the_plan.duplicates = _put_frame(store, scratch, dups, f"{prefix}/plan-duplicates.parquet")
     store.put_bytes(the_plan.key, msgspec.json.encode(the_plan))
     log.info("fanout.planned", generation=generation, parts=len(the_plan.parts), rows=int(total), files=len(delivery))
     return the_plan

@@ -369,6 +369,7 @@ def run_merge(settings: Settings, ws: Workspace, force: tuple[str, str] | None) 
                     rows_per_pass=settings.merge_rows,
                     owner=owner,
                     lease=generation,
+                    started=started,
                 )
             if plan is not None:  # the parts and the final step work under this lock, which the final step releases
                 keep_lock = True
@@ -413,7 +414,7 @@ def merge_finish(plan_key: str, settings: Settings, ws: Workspace) -> dict[str, 
         return {"generation": generation, "already_merged": True}
     lock, plan = _fanout_lock(settings, ws, plan_key)
     assert ws.kpis is not None and ws.ledger is not None
-    started = datetime.now(UTC).isoformat()
+    started = plan.started or datetime.now(UTC).isoformat()  # the run is the whole fan-out: plan, parts, this
     ws.on_abandon = lambda: lock.release(plan.owner, plan.lease)
     fence, publish = _publisher(settings, ws.kpis, lock, plan.owner, plan.lease)
     try:

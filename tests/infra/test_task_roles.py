@@ -227,8 +227,12 @@ def runs(
 
     files = {
         "incoming/products/p.csv": _csv(tmp_path / "products.csv", [product(1, "Books")]),
-        "incoming/orders/o.csv": _csv(tmp_path / "orders.csv", [order(10, 100, "2025-03-01T08:00:00")]),
-        "incoming/order_items/i.csv": _csv(tmp_path / "order_items.csv", [item(1, 10, 100, 1, "4.00")]),
+        "incoming/orders/o.csv": _csv(
+            tmp_path / "orders.csv", [order(10, 100, "2025-03-01T08:00:00"), order(11, 101, "2025-03-01T09:00:00")]
+        ),
+        "incoming/order_items/i.csv": _csv(
+            tmp_path / "order_items.csv", [item(1, 10, 100, 1, "4.00"), item(2, 11, 101, 1, "5.00")]
+        ),
     }
 
     def landed(key: str) -> str:
@@ -241,7 +245,13 @@ def runs(
         accepted = task("validate", "--event", landed(key))
         assert accepted["outcome"] == "accepted"
         task("transform", str(accepted["file_id"]))
-    task("merge")
+    with pytest.MonkeyPatch.context() as env:  # the first load, fanned out: a plan, its parts, the final step
+        env.setenv("SHOPKPI_FANOUT_ROWS", "1")
+        env.setenv("SHOPKPI_MERGE_PARTS", "2")
+        fanned = task("merge")["fanout"]
+    for part in fanned["parts"]:
+        task("merge-part", json.dumps({"plan": fanned["plan"], "part": part}))
+    task("merge-finish", fanned["plan"])
     # a redelivered event after the move: the source is gone (404, not 403, thanks to s3:ListBucket), its report not
     s3.upload_file(str(files["incoming/orders/o.csv"]), BUCKET, "incoming/orders/o.csv")
     event = landed("incoming/orders/o.csv")

@@ -23,7 +23,9 @@ from tests.processor.test_invariant import KpiTable, Plan, _delivered, plans
 from tests.reference import reference_kpis
 
 # What a fan-out writes beside the state (the parts' keyed files are adopted by the committed state as they are).
-PART_FILE = re.compile(r"plan\.json$|result\.json$|duplicates\.parquet$|/p\d+/(daily|category|pending|rejects|users)")
+PART_FILE = re.compile(
+    r"plan(\.json|-products\.parquet|-duplicates\.parquet)$|result\.json$|/p\d+/(daily|category|pending|rejects|users)"
+)
 PART_DIR = re.compile(r"/p(\d+)/")
 COMPARED = ("files_merged", "groups_recomputed", "dates", "pending", "late_rejects", "conflicts", "state_rows")
 
