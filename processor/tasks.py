@@ -46,7 +46,7 @@ import orjson
 
 from processor import fanout, split
 from processor.combine import PartOutput, StagedPiece, combine
-from processor.errors import ConfigError, InternalError, LockBusy, NotFound, ShopKpiError
+from processor.errors import ConfigError, InternalError, LockBusy, NotFound, ShopKpiError, StalePlan
 from processor.landing import Landing, LocalLanding, S3Landing
 from processor.log import configure, context, get_logger
 from processor.merge import Publication, Publisher, current_kpis, load_head, merge
@@ -465,6 +465,25 @@ def _merge_rounds(
         log.info("merge.again", round=rounds + 1)
 
 
+def merge_fallback(plan_key: str, error: dict[str, Any] | None, settings: Settings, ws: Workspace) -> dict[str, Any]:
+    """A part or the final step of a fan-out failed (``error``, as Step Functions caught it): let go of the lock the
+    fan-out holds, if it still does, and merge as one task. Nothing of the fan-out was committed (a final step that
+    committed answered, or is answered on its retry); the next merge sweeps its files."""
+    if ws.ledger is None or ws.kpis is None:
+        raise ConfigError("merge-fallback runs on AWS")
+    from processor.aws.dynamo import MergeLock
+
+    log.warning("fanout.failed", plan=plan_key, error=error, message="merging as one task instead")
+    try:
+        plan = fanout.load_plan(ws.staging, plan_key)
+    except StalePlan:
+        plan = None  # swept: another merge took over after the lease ran out; merging again finds what is left
+    if plan is not None:
+        MergeLock(ws.ledger.client, ws.ledger.table).release(plan.owner, plan.lease)
+    result = run_merge(dataclasses.replace(settings, merge_parts=1), ws, None)
+    return {**result, "fanout_failed": error or {}}
+
+
 def _publisher(
     settings: Settings, tables: KpiTables, lock: MergeLock, owner: str, generation: int
 ) -> tuple[Callable[[], None], Publisher]:
@@ -625,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mf = sub.add_parser("merge-finish", parents=[common], help="the final step of a fanned-out merge")
     mf.add_argument("plan", help="the plan's key, as merge answered it (state/g=<G>/plan.json)")
+    mb = sub.add_parser("merge-fallback", parents=[common], help="after a failed fan-out: release it, merge as one")
+    mb.add_argument("plan", help="the failed fan-out's plan key")
+    mb.add_argument("--error", type=orjson.loads, help="the error Step Functions caught (JSON), for the log")
     m = sub.add_parser("merge", parents=[common], help="recompute and publish the KPIs of the dates that changed")
     m.add_argument("--from", dest="date_from", help="also recompute this date range (reprocessing)")
     m.add_argument("--to", dest="date_to")
@@ -710,7 +732,16 @@ def _workspace(args: argparse.Namespace, settings: Settings) -> Workspace:
     return Workspace.local(local or Path("shopkpi-staging"))
 
 
-REMOTE = ("merge", "merge-part", "merge-finish", "transform", "quarantine", "validate-part", "combine")
+REMOTE = (
+    "merge",
+    "merge-part",
+    "merge-finish",
+    "merge-fallback",
+    "transform",
+    "quarantine",
+    "validate-part",
+    "combine",
+)
 
 
 def _run(args: argparse.Namespace, settings: Settings, ws: Workspace) -> dict[str, Any]:
@@ -724,6 +755,8 @@ def _run(args: argparse.Namespace, settings: Settings, ws: Workspace) -> dict[st
         return merge_part(args.task, settings, ws)
     if args.command == "merge-finish":
         return merge_finish(args.plan, settings, ws)
+    if args.command == "merge-fallback":
+        return merge_fallback(args.plan, args.error, settings, ws)
     if args.command == "transform":
         return transform(args.file_id, ws)
     if args.command == "quarantine":

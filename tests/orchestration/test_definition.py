@@ -108,5 +108,6 @@ def test_every_ecs_task_stops_itself_before_its_state_times_out() -> None:
             timeout = int(st["TimeoutSeconds"])  # type: ignore[call-overload]
             assert 0 < deadline < timeout and timeout - deadline <= 60, (name, deadline, timeout)
             found += 1
-        # validate, validate-part, combine, transform, quarantine, merge, merge-part, merge-finish, reprocess
-        assert found == 9
+        # validate, validate-part, combine, transform, quarantine, merge, merge-part, merge-finish, merge-fallback,
+        # reprocess
+        assert found == 10

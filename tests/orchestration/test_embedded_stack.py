@@ -342,12 +342,17 @@ _REGISTER_FIELDS = (
 )
 
 WRAPPER = """\
+import json
 import os
 import sys
 import time
 
 MODE, MATCH, MARKER = {mode!r}, {match!r}, {marker!r}
 args = sys.argv[1:]
+if MODE == "stale_part" and args[:1] == ["merge-part"] and json.loads(args[-1])["part"] == int(MATCH):
+    with open(MARKER, "a") as f:
+        f.write(args[-1] + "\\n")
+    args[-1] = json.dumps({{**json.loads(args[-1]), "plan": "state/g=0/plan.json"}})  # a plan that is not there
 if args[:1] == ["validate"] and MATCH in args[-1]:
     with open(MARKER, "a") as f:
         f.write(args[-1] + "\\n")
@@ -377,8 +382,10 @@ class Wrapped:
 def wrapped_tasks(stack: EmbeddedStack, folder: Path, mode: str, match: str) -> Iterator[Wrapped]:
     """Register a new revision of the stack's task definition family whose entry point runs a wrapper around
     ``processor.tasks``: with ``crash_once``, the first validate of a key containing ``match`` exits 1 without
-    reporting; with ``hang``, every such validate sleeps. On exit the original container definition is registered
-    again (a newer revision) and the processes the wrapper left hanging are killed."""
+    reporting; with ``hang``, every such validate sleeps; with ``stale_part``, the merge part numbered ``match``
+    is given a plan that does not exist (it fails, terminally, as a part whose plan was swept). On exit the original
+    container definition is registered again (a newer revision) and the processes the wrapper left hanging are
+    killed."""
     assert stack.clients is not None and stack.outputs is not None
     ecs = stack.clients.client("ecs")
     family = stack.outputs.task_family

@@ -7,6 +7,7 @@ The stack here fans out any first load above 200 staged rows into 3 parts (``SHO
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 
 from orchestration import operations
 from orchestration.local.stack import EmbeddedStack
+from processor.aws.dynamo import MergeLock
 from processor.settings import Settings
 from tests.builders import item, order, product
 from tests.orchestration.test_embedded_stack import (
@@ -27,15 +29,17 @@ from tests.orchestration.test_embedded_stack import (
     ledger_record,
     scheduled,
     stored_kpis,
+    wrapped_tasks,
     write_csv,
 )
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[operations.Stack]:
-    root = tmp_path_factory.mktemp("fanout-stack")
+@contextlib.contextmanager
+def fanout_stack(root: Path) -> Iterator[EmbeddedStack]:
+    """A stack whose first load fans out. Each test has one of its own (only a first load fans out), one after the
+    other: two embedded stacks cannot run in one process at once."""
     stack = EmbeddedStack(
         Settings.load(env={}, stack=f"fan{uuid.uuid4().hex[:8]}", work_dir=root / "work"),
         port=0,
@@ -45,21 +49,32 @@ def op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[operations.Stack]:
     )
     try:
         stack.start()
-        assert stack.clients is not None and stack.outputs is not None
-        yield operations.Stack(stack.settings, stack.clients, stack.outputs)
+        yield stack
     finally:
         stack.stop()
 
 
-def test_a_first_load_is_merged_by_parallel_part_tasks_with_exact_kpis(op: operations.Stack, tmp_path: Path) -> None:
-    products = write_csv(tmp_path, "products_fan.csv", [product(1, "Toys"), product(2, "Books")])
+def operated(stack: EmbeddedStack) -> operations.Stack:
+    assert stack.clients is not None and stack.outputs is not None
+    return operations.Stack(stack.settings, stack.clients, stack.outputs)
+
+
+@pytest.fixture
+def op(tmp_path: Path) -> Iterator[operations.Stack]:
+    with fanout_stack(tmp_path / "stack") as stack:
+        yield operated(stack)
+
+
+def shop(folder: Path) -> list[Path]:
+    """300 orders over January 2032 and 601 items, one of them with another user than its order's."""
+    products = write_csv(folder, "products_fan.csv", [product(1, "Toys"), product(2, "Books")])
     orders = write_csv(
-        tmp_path,
+        folder,
         "orders_fan.csv",
         [order(20_000 + i, 700 + i % 40, f"2032-01-{1 + i % 28:02d}T10:00:00") for i in range(300)],
     )
     items = write_csv(
-        tmp_path,
+        folder,
         "order_items_fan.csv",
         [
             item(80_000 + i, 20_000 + i % 300, 700 + (i % 300) % 40, 1 + i % 2, f"{1 + i % 5}.50", "complete",
@@ -68,6 +83,11 @@ def test_a_first_load_is_merged_by_parallel_part_tasks_with_exact_kpis(op: opera
         ]
         + [item(89_999, 20_001, 999, 1, "2.00", "complete", created_at="2032-01-02T10:00:00")],  # user mismatch
     )  # fmt: skip
+    return [products, orders, items]
+
+
+def test_a_first_load_is_merged_by_parallel_part_tasks_with_exact_kpis(op: operations.Stack, tmp_path: Path) -> None:
+    products, orders, items = shop(tmp_path)
     landed = operations.ingest(op, [products, orders, items])
     assert operations.wait(op, 300, landed, settle_s=1.0)
     assert {ledger_record(op, x).outcome for x in landed} == {"accepted"}
@@ -88,3 +108,25 @@ def test_a_first_load_is_merged_by_parallel_part_tasks_with_exact_kpis(op: opera
     assert rejected is not None and b"89999" in rejected
     leftovers = [k for k in op.s3.list_keys("staging/state/") if k.endswith(("plan.json", "result.json"))]
     assert not leftovers
+
+
+def test_a_failed_part_falls_back_to_one_merge_task_with_exact_kpis(tmp_path: Path) -> None:
+    with fanout_stack(tmp_path / "stack") as stack, wrapped_tasks(stack, tmp_path, "stale_part", "1") as wrapped:
+        op = operated(stack)
+        files = shop(tmp_path)
+        landed = operations.ingest(op, files)
+        assert operations.wait(op, 300, landed, settle_s=1.0)
+        assert wrapped.marker.exists()  # part 1 was given a plan that is not there
+        names = {str(ledger_record(op, x).execution) for x in landed}
+        fell_back = []
+        for name in names:
+            arn = execution_arn(op, name)
+            described = finished(op, arn)
+            assert described["status"] == "SUCCEEDED", described
+            if "MergeFallback" in entered(op.workflow.history(arn)):
+                fell_back.append(json.loads(described["output"])["merge"])
+        [merged] = fell_back  # one execution planned the fan-out; its merge ran again as one task
+        assert merged["fanout_failed"]["Error"] == "ShopKpi.StalePlan", merged
+        assert stored_kpis(op, "2032-01-01", "2032-01-31") == expected_kpis(files)
+        assert not [k for k in op.s3.list_keys("staging/state/") if k.endswith(("plan.json", "result.json"))]
+        assert MergeLock(op.ledger.client, op.ledger.table).holder() is None  # let go, not left to run out
