@@ -1,16 +1,17 @@
 """The ECS task entry points (``shopkpi-task``): what runs inside the container, one command per workflow step.
 
-=============  ===================================================================================================
-``validate``   stream one landed file from S3 (or a local path), validate it, upload its staged segment, report and
-               rejected rows; record the outcome. Result: ``accepted`` or ``rejected`` (both exit 0: a bad file is
-               an expected outcome, not a task failure).
-``transform``  commit an accepted file's segment into the staging area (it becomes visible to merges) and move the
-               original to ``archive/``.
-``quarantine`` move a rejected file's original to ``rejected/`` beside its report and rejected rows.
-``merge``      under the merge lock: apply the files committed since the last merge to the keyed state (signed deltas
-               of the order groups they change), publish the KPIs that moved (and, with ``--from``/``--to``,
-               recompute and reconcile that range). A merge that finds the lock taken hands its work over.
-=============  ===================================================================================================
+=================  ===============================================================================================
+``validate``       stream one landed file from S3 (or a local path), validate it, upload its staged segment, report
+                   and rejected rows; record the outcome. Result: ``accepted`` or ``rejected`` (both exit 0: a bad
+                   file is an expected outcome, not a task failure), or ``split`` for a file above
+                   ``SHOPKPI_SPLIT_MB``, with the byte ranges the workflow validates in parallel.
+``validate-part``  validate one byte range of a split file.
+``combine``        the split file's one outcome, report and segment (its parts' staged files, as pieces).
+``transform``      commit an accepted file's segment into the staging area (it becomes visible to merges) and move
+                   the original to ``archive/``.
+``quarantine``     move a rejected file's original to ``rejected/`` beside its report and rejected rows.
+``merge`` ...      the merge and a fanned-out first load's steps: :mod:`processor.merge_task`.
+=================  ===============================================================================================
 
 Each command prints its result as one JSON line on stdout (``{"event": "task.result", ...}``) and, when the
 ``SHOPKPI_TASK_TOKEN`` environment variable holds a Step Functions task token, reports it with SendTaskSuccess or
@@ -27,16 +28,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,71 +42,20 @@ import orjson
 
 from processor import fanout, split
 from processor.combine import PartOutput, StagedPiece, combine
-from processor.errors import ConfigError, InternalError, LockBusy, NotFound, ShopKpiError, StalePlan
-from processor.landing import Landing, LocalLanding, S3Landing
+from processor.errors import ConfigError, InternalError, NotFound, ShopKpiError
 from processor.log import configure, context, get_logger
-from processor.merge import Publication, Publisher, current_kpis, load_head, merge
-from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
-from processor.pipeline import merge_local, segment_for, validate_stream
+from processor.merge_task import merge_fallback, merge_finish, merge_part, run_merge
+from processor.model import ValidationResult
+from processor.pipeline import segment_for, validate_stream
 from processor.schema import detect_dataset
 from processor.settings import Settings
 from processor.stage import Piece, Segment, commit_manifest, file_id_for, is_committed, segment_key
-from processor.store import LocalStore, S3StagingStore, Store
+from processor.workspace import Workspace, scratch_dir
 
 if TYPE_CHECKING:
     from processor.aws.callback import Callback
-    from processor.aws.clients import Clients
-    from processor.aws.dynamo import KpiTables, Ledger, MergeLock
 
 log = get_logger("task")
-
-
-@dataclass
-class Workspace:
-    """What a task step works on: the landing area, the staging area and, on AWS, the ledger and the KPI tables.
-
-    Built once per task from its settings (AWS clients are created here, never at import); every step is written
-    once against it, whether the files are in the landing bucket or on local disk.
-    """
-
-    landing: Landing
-    staging: Store
-    ledger: Ledger | None = None
-    kpis: KpiTables | None = None
-    clients: Clients | None = None
-    #: renews the merge lock's lease while a merge holds it (called with every heartbeat)
-    lease: Callable[[], None] | None = field(default=None, repr=False)
-    #: lets go of what the task holds (the merge lock) when it stops itself, abandoned by Step Functions
-    on_abandon: Callable[[], object] | None = field(default=None, repr=False)
-
-    @classmethod
-    def local(cls, root: Path) -> Workspace:
-        """Local files; staged data, reports and rejected rows under ``root``; no ledger, no KPI tables."""
-        return cls(landing=LocalLanding(root), staging=LocalStore(root))
-
-    @classmethod
-    def aws(cls, settings: Settings) -> Workspace:
-        from processor.aws import make_clients
-        from processor.aws.dynamo import KpiTables, Ledger
-        from processor.aws.s3 import S3Store
-
-        if not settings.bucket:
-            raise ConfigError("SHOPKPI_BUCKET is not set (the task definition passes it from the stack)")
-        clients = make_clients(settings)
-        s3 = S3Store(clients.s3, settings.bucket)
-        ledger = Ledger(clients.dynamodb, settings.ledger_table) if settings.ledger_table else None
-        kpis = None
-        if settings.order_table and settings.category_table:
-            kpis = KpiTables(
-                clients.dynamodb, settings.order_table, settings.category_table, threads=settings.writer_threads
-            )
-        return cls(
-            landing=S3Landing(s3),
-            staging=S3StagingStore(s3, "staging", settings.work_dir / "staging-cache"),
-            ledger=ledger,
-            kpis=kpis,
-            clients=clients,
-        )
 
 
 # --- validate ------------------------------------------------------------------------------------------------
@@ -160,7 +105,7 @@ def validate(source: str, settings: Settings, ws: Workspace) -> dict[str, Any]:
             parts=parts,
         )  # fmt: skip
         return {"file_id": file_id, "source": source, "outcome": "split", "split": msgspec.to_builtins(plan)}
-    with _scratch(settings, "validate") as tmp:
+    with scratch_dir(settings, "validate") as tmp:
         # Streamed straight from S3 (gunzipped on the fly): the file never lands on disk, only its staged segment.
         with ws.landing.open(source) as stream:
             v = validate_stream(
@@ -202,7 +147,7 @@ def validate_part(job: split.PartJob, settings: Settings, ws: Workspace) -> dict
         raise NotFound(f"{job.source} changed after it was split: its new version is validated on its own event")
     stream = split.PartStream(ws.landing, job.source, job.header_end, job.part)
     whole_file_rules_later = dataclasses.replace(settings, max_invalid_share=1.0)
-    with _scratch(settings, "validate") as tmp, stream.open() as body:
+    with scratch_dir(settings, "validate") as tmp, stream.open() as body:
         v = validate_stream(
             body, source=job.source, file_id=file_id, arrival=datetime.fromisoformat(job.arrival),
             settings=whole_file_rules_later, work_dir=tmp,
@@ -238,7 +183,7 @@ def combine_parts(plan: split.Split, settings: Settings, ws: Workspace) -> dict[
             raise InternalError(f"a part of {plan.source} left no result: its task did not finish")
         _remove_parts(plan, ws)
         return {k: done_before[k] for k in done_before if k != "samples"}
-    with _scratch(settings, "validate") as tmp:
+    with scratch_dir(settings, "validate") as tmp:
         done = combine(plan, outputs, detect_dataset(plan.source), settings.max_invalid_share, tmp)
         segment = None
         if done.pieces is not None and done.result.dataset is not None:
@@ -318,240 +263,6 @@ def quarantine(file_id: str, ws: Workspace) -> dict[str, Any]:
     """Move a rejected file's original beside its report and rejected rows (a local file stays where it is)."""
     report = _load_report(file_id, ws)
     return {"file_id": file_id, "quarantined": ws.landing.quarantine(file_id, report), "reason": report.get("reason")}
-
-
-# --- merge ---------------------------------------------------------------------------------------------------
-def run_merge(settings: Settings, ws: Workspace, force: tuple[str, str] | None) -> dict[str, Any]:
-    """Merge what was committed since the last merge: into the KPI tables under the merge lock, or (a local
-    workspace, which has no tables) under the staging directory's file lock, answering the KPIs it now holds."""
-    if ws.kpis is None or ws.ledger is None:
-        if not isinstance(ws.staging, LocalStore):
-            raise ConfigError("SHOPKPI_LEDGER_TABLE, SHOPKPI_ORDER_TABLE and SHOPKPI_CATEGORY_TABLE must be set")
-        with _scratch(settings, "merge") as scratch:
-            result = merge_local(ws.staging, settings, scratch, force)
-        daily, category = current_kpis(ws.staging)
-        return {**msgspec.structs.asdict(result), "kpis": _kpis(daily, category)}
-    from processor.aws.dynamo import MergeLock
-
-    lock = MergeLock(ws.ledger.client, ws.ledger.table)  # the lock is an item of the ledger table
-    owner = f"{settings.execution_id}/{uuid.uuid4().hex[:8]}"
-    try:
-        generation = lock.acquire(owner, settings.lock_ttl_s)
-    except LockBusy:
-        # Another merge runs. A plain merge (not a reprocess, whose dates are its own) hands its work over: its files
-        # are committed, and the running merge merges again before it lets go of the lock. So a burst of executions
-        # does not queue on the lock (and fail once its retries run out) for work one merge does. Never to an
-        # attempt of this same execution: that is this state's earlier attempt, which timed out and is stopping
-        # (it lets go of the lock as it stops), so wait for the lock (LockBusy is retried) and merge here.
-        running = lock.holder()
-        own = running is not None and running.owner.split("/", 1)[0] == settings.execution_id
-        holder = lock.hand_over(owner) if force is None and not own else None
-        if holder is None:
-            raise
-        log.info("merge.handed_over", holder=holder)
-        return {"handed_over_to": holder}
-    started = datetime.now(UTC).isoformat()
-    # The lease is renewed with every heartbeat, so a long merge keeps it; a merge that lost it stops before its
-    # next write (fence) and never moves the head.
-    ws.lease = lambda: lock.renew(owner, generation, settings.lock_ttl_s)
-    ws.on_abandon = lambda: lock.release(owner, generation)
-    keep_lock = False
-    try:
-        if force is None:
-            with _scratch(settings, "merge") as scratch:
-                plan = fanout.plan(
-                    ws.staging,
-                    generation=generation,
-                    scratch=scratch,
-                    buckets=settings.buckets,
-                    parts=settings.merge_parts,
-                    min_rows=settings.fanout_rows,
-                    rows_per_pass=settings.merge_rows,
-                    owner=owner,
-                    lease=generation,
-                    started=started,
-                )
-            if plan is not None:  # the parts and the final step work under this lock, which the final step releases
-                keep_lock = True
-                return {"fanout": {"plan": plan.key, "parts": list(range(len(plan.parts))), "owner": owner}}
-        result, rounds = _merge_rounds(settings, ws, ws.kpis, lock, owner, generation, force)
-        summary = {**msgspec.structs.asdict(result), "rounds": rounds}
-        ws.ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
-        return summary
-    finally:
-        ws.lease = ws.on_abandon = None
-        if not keep_lock:
-            lock.release(owner, generation)
-
-
-def _fanout_lock(settings: Settings, ws: Workspace, plan_key: str) -> tuple[MergeLock, fanout.MergePlan]:
-    """The merge lock a fanned-out merge's planning task took, and its plan; the lease is renewed with every
-    heartbeat of this task too. Stops (StaleWriter) when the lease was lost: another merge may be running."""
-    if ws.ledger is None or ws.kpis is None:
-        raise ConfigError("merge-part and merge-finish run on AWS (locally, shopkpi process runs parts in threads)")
-    from processor.aws.dynamo import MergeLock
-
-    lock = MergeLock(ws.ledger.client, ws.ledger.table)
-    plan = fanout.load_plan(ws.staging, plan_key)
-    lock.check(plan.owner, plan.lease)
-    ws.lease = lambda: lock.renew(plan.owner, plan.lease, settings.lock_ttl_s)
-    return lock, plan
-
-
-def merge_part(task: fanout.PartTask, settings: Settings, ws: Workspace) -> dict[str, Any]:
-    """One part of a fanned-out first load (processor.fanout)."""
-    lock, plan = _fanout_lock(settings, ws, task.plan)
-    with context(part=task.part), _scratch(settings, "merge") as scratch:
-        done = fanout.run_part(ws.staging, plan, task.part, scratch, fence=lambda: lock.check(plan.owner, plan.lease))
-    return {"part": task.part, "rows": done.rows, "groups": done.groups, "seconds": done.seconds}
-
-
-def merge_finish(plan_key: str, settings: Settings, ws: Workspace) -> dict[str, Any]:
-    """The final step of a fanned-out first load: commit, publish, then merge again what was handed over
-    meanwhile, and let go of the lock."""
-    generation = fanout.plan_generation(plan_key)
-    if load_head(ws.staging).generation >= generation:  # a retry of a final step that committed
-        return {"generation": generation, "already_merged": True}
-    lock, plan = _fanout_lock(settings, ws, plan_key)
-    assert ws.kpis is not None and ws.ledger is not None
-    started = plan.started or datetime.now(UTC).isoformat()  # the run is the whole fan-out: plan, parts, this
-    ws.on_abandon = lambda: lock.release(plan.owner, plan.lease)
-    fence, publish = _publisher(settings, ws.kpis, lock, plan.owner, plan.lease)
-    try:
-        with context(stage="merge"), _scratch(settings, "merge") as scratch:
-            result, _, _ = fanout.finish(
-                ws.staging, plan, scratch, publish=publish, fence=fence, orphan_grace_s=settings.orphan_grace_s
-            )
-        rounds = 1
-        if not lock.release(plan.owner, plan.lease, unless_pending=True) and lock.take_pending(plan.owner, plan.lease):
-            result, more = _merge_rounds(settings, ws, ws.kpis, lock, plan.owner, plan.lease, None)
-            rounds += more
-        summary = {**msgspec.structs.asdict(result), "rounds": rounds, "parts": len(plan.parts)}
-        ws.ledger.record_run(settings.execution_id, "merged", started, datetime.now(UTC).isoformat(), summary)
-        return summary
-    finally:
-        ws.lease = ws.on_abandon = None
-        lock.release(plan.owner, plan.lease)
-
-
-def _merge_rounds(
-    settings: Settings,
-    ws: Workspace,
-    tables: KpiTables,
-    lock: MergeLock,
-    owner: str,
-    generation: int,
-    force: tuple[str, str] | None,
-) -> tuple[MergeResult, int]:
-    """Merge and publish, again as long as another merge handed its files over meanwhile; (last result, rounds)."""
-    fence, publish = _publisher(settings, tables, lock, owner, generation)
-    rounds = 0
-    while True:
-        rounds += 1
-        with context(stage="merge"), _scratch(settings, "merge") as scratch:
-            result, _, _ = merge(
-                ws.staging,
-                generation=generation,
-                scratch=scratch,
-                publish=publish,
-                force_dates=force if rounds == 1 else None,
-                buckets=settings.buckets,
-                orphan_grace_s=settings.orphan_grace_s,
-                rows_per_pass=settings.merge_rows,
-                fence=fence,
-            )
-        if lock.release(owner, generation, unless_pending=True) or not lock.take_pending(owner, generation):
-            return result, rounds  # released (or lost: the fence stopped any write) -- else a merge handed over
-        log.info("merge.again", round=rounds + 1)
-
-
-def merge_fallback(plan_key: str, error: dict[str, Any] | None, settings: Settings, ws: Workspace) -> dict[str, Any]:
-    """A part or the final step of a fan-out failed (``error``, as Step Functions caught it): let go of the lock the
-    fan-out holds, if it still does, and merge as one task. Nothing of the fan-out was committed (a final step that
-    committed answered, or is answered on its retry); the next merge sweeps its files."""
-    if ws.ledger is None or ws.kpis is None:
-        raise ConfigError("merge-fallback runs on AWS")
-    from processor.aws.dynamo import MergeLock
-
-    log.warning("fanout.failed", plan=plan_key, error=error, message="merging as one task instead")
-    try:
-        plan = fanout.load_plan(ws.staging, plan_key)
-    except StalePlan:
-        plan = None  # swept: another merge took over after the lease ran out; merging again finds what is left
-    if plan is not None:
-        MergeLock(ws.ledger.client, ws.ledger.table).release(plan.owner, plan.lease)
-    result = run_merge(dataclasses.replace(settings, merge_parts=1), ws, None)
-    return {**result, "fanout_failed": error or {}}
-
-
-def _publisher(
-    settings: Settings, tables: KpiTables, lock: MergeLock, owner: str, generation: int
-) -> tuple[Callable[[], None], Publisher]:
-    """The fence (raises once the lease is lost) and the publisher of a merge holding the lock."""
-    computed_at = datetime.now(UTC).isoformat()
-
-    def fence() -> None:
-        lock.check(owner, generation)
-
-    def publish(pub: Publication, gen: int) -> int:
-        fence()
-        stats = tables.publish(
-            pub.daily,
-            pub.category,
-            gen,
-            computed_at,
-            settings.execution_id,
-            fence=fence,
-            remove_daily=pub.gone_daily,
-            remove_category=pub.gone_category,
-            reconcile=pub.reconcile,
-        )
-        return int(stats.written + stats.removed)
-
-    return fence, publish
-
-
-def _kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> dict[str, Any]:
-    return {"daily": [k.public() for k in daily], "category": [k.public() for k in category]}
-
-
-def _work(settings: Settings) -> Path:
-    settings.work_dir.mkdir(parents=True, exist_ok=True)
-    return settings.work_dir
-
-
-_SCRATCH = re.compile(r"(?:validate|merge)-(\d+)-\w+")
-
-
-@contextmanager
-def _scratch(settings: Settings, kind: str) -> Iterator[Path]:
-    """A private scratch directory in the work directory, removed afterwards.
-
-    A killed task cannot clean up, so each directory is named after its process and every task first removes the
-    directories of processes that no longer exist (locally, tasks share one work directory; on Fargate each task has
-    its own disk and this finds nothing).
-    """
-    root = _work(settings)
-    for old in root.iterdir():
-        found = _SCRATCH.fullmatch(old.name)
-        if found and old.is_dir() and not _alive(int(found.group(1))):
-            log.info("task.scratch_swept", path=str(old))
-            shutil.rmtree(old, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=root))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 # --- command line --------------------------------------------------------------------------------------------

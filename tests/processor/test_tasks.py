@@ -16,7 +16,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from processor import tasks
+from processor import merge_task, tasks
 from processor.aws import make_clients
 from processor.aws.dynamo import KpiTables, Ledger, MergeLock
 from processor.settings import Settings
@@ -167,7 +167,7 @@ def test_the_running_merge_merges_again_what_was_handed_over_while_it_ran(
     stack: Settings, write_csv: WriteCsv, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lock = MergeLock(make_clients(stack).dynamodb, stack.ledger_table)
-    real_merge = tasks.merge
+    real_merge = merge_task.merge
     calls: list[int] = []
 
     def merge_while_a_late_file_lands(*args: object, **kwargs: object) -> object:
@@ -182,7 +182,7 @@ def test_the_running_merge_merges_again_what_was_handed_over_while_it_ran(
     src = land(write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")]), "incoming/orders/first.csv")
     _, first = task(capsys, "validate", src)
     task(capsys, "transform", str(first["file_id"]))
-    monkeypatch.setattr(tasks, "merge", merge_while_a_late_file_lands)
+    monkeypatch.setattr(merge_task, "merge", merge_while_a_late_file_lands)
     code, result = task(capsys, "merge")
     assert code == 0 and result["rounds"] == 2
     tables = KpiTables(make_clients(stack).dynamodb, stack.order_table, stack.category_table)
