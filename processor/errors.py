@@ -140,4 +140,6 @@ class AwsError(TerminalError):
 #: Codes the state machine retries (with the States/ECS errors it adds itself).
 RETRYABLE_CODES = tuple(c.code for c in (Throttled, ServiceUnavailable, LockBusy, StaleWriter))
 #: Codes that go straight to the failure path.
-TERMINAL_CODES = tuple(c.code for c in (FileRejected, NotFound, AccessDenied, ConfigError, AwsError, InternalError))
+TERMINAL_CODES = tuple(
+    c.code for c in (FileRejected, NotFound, AccessDenied, ConfigError, AwsError, StalePlan, InternalError)
+)
