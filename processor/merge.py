@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -407,9 +408,15 @@ def apply_step(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple
     if group_ids.len():
         _recompute_groups(state, run, group_ids, order_wins, item_changed, products_old)
     with run.timed("write"):
-        t["orders"].append(order_wins, run.scratch)
-        t["items"].append(item_wins, run.scratch)
-        t["order_items"].append(pl.concat([tombstones, item_changed]), run.scratch)
+        writes = [
+            (t["orders"], order_wins),
+            (t["items"], item_wins),
+            (t["order_items"], pl.concat([tombstones, item_changed])),
+        ]
+        # The tables' files are independent: one table's sort, Parquet and Bloom filter overlap the others'.
+        with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="keyed-write") as pool:
+            for done in [pool.submit(table.append, rows, run.scratch) for table, rows in writes]:
+                done.result()
 
 
 def apply_products(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]]) -> list[int]:
