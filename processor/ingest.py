@@ -338,16 +338,15 @@ def _arrow_schema(dataset: Dataset) -> pa.Schema:
 class _SegmentSink:
     """Writes valid chunks to the segment on a background thread, overlapping I/O with the next chunk's checks.
 
-    At most one chunk waits to be written (bounded memory). Each chunk is sorted by bucket and written as row groups
-    of whole buckets, so a group's bucket range (its min/max statistics) is narrow and readers of some buckets skip
-    the rest.
+    At most one chunk waits to be written (bounded memory). Each chunk is sorted by bucket and written as a few row
+    groups, so a group's bucket range (its min/max statistics) is narrow and readers of some buckets skip the rest.
 
     Keys go to the spill only once the file leaves the usual export order: while each chunk's keys ascend above the
     previous chunk's, no key can repeat across chunks, so nothing is spilled; if a later chunk breaks that order,
     the keys of the chunks before it are read back from the finished segment (:meth:`duplicate_lines`).
     """
 
-    GROUPS_PER_CHUNK = 32  # at most: a group holds whole buckets
+    GROUPS_PER_CHUNK = 8
 
     def __init__(self, path: Path, schema: pa.Schema, dataset: Dataset, buckets: int, spill_dir: Path) -> None:
         self.schema = schema
@@ -376,16 +375,8 @@ class _SegmentSink:
         table = table[np.argsort(bucket, kind="stable")]
         counts = np.bincount(bucket)
         self.bucket_rows.update({int(b): int(counts[b]) for b in np.flatnonzero(counts)})
-        # Row groups cut at bucket boundaries (a few buckets each when there are many), so that a merge step reading
-        # some buckets reads their rows and no others: its filter skips whole groups by their statistics.
-        arrow = table.to_arrow().cast(self.schema)
-        least = max(1, table.height // self.GROUPS_PER_CHUNK)
-        start = end = 0
-        for b in np.flatnonzero(counts):
-            end += int(counts[b])
-            if end - start >= least or end == table.height:
-                self.writer.write_table(arrow.slice(start, end - start), row_group_size=end - start)
-                start = end
+        size = max(1, -(-table.height // self.GROUPS_PER_CHUNK))
+        self.writer.write_table(table.to_arrow().cast(self.schema), row_group_size=size)
 
     def _note_keys(self, keys: np.ndarray, lines: np.ndarray) -> None:
         if self._ordered and (self._unspilled == 0 or keys[0] > self._fence) and bool((keys[1:] > keys[:-1]).all()):
