@@ -83,6 +83,14 @@ def shop(write_csv: WriteCsv) -> list[Path]:
     ]
 
 
+def staged_shop(write_csv: WriteCsv, tmp_path: Path, settings: Settings) -> tuple[list[Path], LocalStore]:
+    """The shop's files, validated and staged (not merged) under ``tmp_path/staging``."""
+    files = shop(write_csv)
+    store = LocalStore(tmp_path / "staging")
+    stage_local(files, store, settings, tmp_path / "work")
+    return files, store
+
+
 @pytest.fixture
 def three_buckets(settings: Settings, tmp_path: Path) -> Settings:
     return Settings.load(env={}, buckets=3, work_dir=tmp_path / "work", merge_rows=5)
@@ -113,8 +121,7 @@ def test_shopkpi_process_fans_out_a_big_first_load_with_the_same_kpis(
 def test_no_plan_for_one_part_a_small_load_or_a_state_that_is_not_empty(
     write_csv: WriteCsv, tmp_path: Path, three_buckets: Settings
 ) -> None:
-    store = LocalStore(tmp_path / "staging")
-    stage_local(shop(write_csv), store, three_buckets, tmp_path / "work")
+    _, store = staged_shop(write_csv, tmp_path, three_buckets)
     kw: dict[str, Any] = {"generation": 0, "scratch": tmp_path / "s", "buckets": 3, "rows_per_pass": 5}
     assert fanout.plan(store, parts=1, min_rows=1, **kw) is None
     assert fanout.plan(store, parts=3, min_rows=10_000, **kw) is None
@@ -126,8 +133,7 @@ def test_no_plan_for_one_part_a_small_load_or_a_state_that_is_not_empty(
 def test_a_retried_part_answers_its_result_and_a_missing_part_stops_the_final_step(
     write_csv: WriteCsv, tmp_path: Path, three_buckets: Settings
 ) -> None:
-    store = LocalStore(tmp_path / "staging")
-    stage_local(shop(write_csv), store, three_buckets, tmp_path / "work")
+    _, store = staged_shop(write_csv, tmp_path, three_buckets)
     plan = fanout.plan(store, generation=0, scratch=tmp_path / "s", buckets=3, parts=3, min_rows=1, rows_per_pass=5)
     assert plan is not None and len(plan.parts) >= 2
     first = fanout.run_part(store, plan, 0, tmp_path / "p0")
@@ -140,9 +146,7 @@ def test_a_retried_part_answers_its_result_and_a_missing_part_stops_the_final_st
 def test_an_abandoned_fan_out_is_swept_and_merged_by_the_next_merge(
     write_csv: WriteCsv, tmp_path: Path, three_buckets: Settings
 ) -> None:
-    files = shop(write_csv)
-    store = LocalStore(tmp_path / "staging")
-    stage_local(files, store, three_buckets, tmp_path / "work")
+    files, store = staged_shop(write_csv, tmp_path, three_buckets)
     plan = fanout.plan(store, generation=0, scratch=tmp_path / "s", buckets=3, parts=3, min_rows=1, rows_per_pass=5)
     assert plan is not None
     fanout.run_part(store, plan, 0, tmp_path / "p0")  # then the task dies, the lease runs out
@@ -156,9 +160,7 @@ def test_an_abandoned_fan_out_is_swept_and_merged_by_the_next_merge(
 def test_a_publication_of_a_fanned_out_merge_holds_every_kpi(
     write_csv: WriteCsv, tmp_path: Path, three_buckets: Settings
 ) -> None:
-    files = shop(write_csv)
-    store = LocalStore(tmp_path / "staging")
-    stage_local(files, store, three_buckets, tmp_path / "work")
+    files, store = staged_shop(write_csv, tmp_path, three_buckets)
     published: list[Publication] = []
 
     def publish(pub: Publication, generation: int) -> int:
