@@ -54,8 +54,10 @@ from processor.merge import (
     commit_head,
     count_customers,
     duplicate_items,
+    generation_prefix,
     load_head,
     publication,
+    put_frame,
     register_files,
     summarise,
     sweep,
@@ -91,7 +93,7 @@ class MergePlan(msgspec.Struct, kw_only=True):
 
     @property
     def prefix(self) -> str:
-        return f"state/g={self.generation}"
+        return generation_prefix(self.generation)
 
     @property
     def key(self) -> str:
@@ -120,7 +122,7 @@ class PartResult(msgspec.Struct, kw_only=True):
 
 
 def plan_key(generation: int) -> str:
-    return f"state/g={generation}/plan.json"
+    return f"{generation_prefix(generation)}/plan.json"
 
 
 def plan_generation(key: str) -> int:
@@ -170,7 +172,7 @@ def plan(
     run = MergeRun(scratch=scratch, generation=generation, started=time.perf_counter())
     numbers = register_files(state, delivery)
     apply_products(state, run, [(s, None) for s in delivery if s.dataset == PRODUCTS.name], numbers)
-    prefix = f"state/g={generation}"
+    prefix = generation_prefix(generation)
     the_plan = MergePlan(
         generation=generation,
         base=head.generation,
@@ -181,13 +183,13 @@ def plan(
         delivery=delivery,
         numbers=numbers,
         parts=[g for g in bucket_groups(load, total / parts) if g],
-        products=_put_frame(store, scratch, state.agg["products"], f"{prefix}/plan-products.parquet"),
+        products=put_frame(store, scratch, state.agg["products"], f"{prefix}/plan-products.parquet"),
         conflicts=run.conflicts,
         started=started,
     )
     dups = duplicate_items(state, delivery, numbers, rows_per_pass)
     if dups is not None:
-        the_plan.duplicates = _put_frame(store, scratch, dups, f"{prefix}/plan-duplicates.parquet")
+        the_plan.duplicates = put_frame(store, scratch, dups, f"{prefix}/plan-duplicates.parquet")
     store.put_bytes(the_plan.key, msgspec.json.encode(the_plan))
     log.info("fanout.planned", generation=generation, parts=len(the_plan.parts), rows=int(total), files=len(delivery))
     return the_plan
@@ -218,14 +220,14 @@ def run_part(
     result = PartResult(
         index=index,
         tables={n: state.tables[n].written for n in KEYED} | {"users": users},
-        deltas={n: _put_frame(store, scratch, state.agg[n], f"{prefix}/{n}.parquet") for n in DELTAS},
+        deltas={n: put_frame(store, scratch, state.agg[n], f"{prefix}/{n}.parquet") for n in DELTAS},
         conflicts=run.conflicts,
         groups=run.groups,
         mismatched=run.mismatched,
         rows=int(sum(load.values())),
     )
     if run.rejects:
-        result.rejects = _put_frame(store, scratch, pl.concat(run.rejects), f"{prefix}/rejects.parquet")
+        result.rejects = put_frame(store, scratch, pl.concat(run.rejects), f"{prefix}/rejects.parquet")
     result.seconds = round(time.perf_counter() - started, 3)
     if fence is not None:
         fence()
@@ -259,7 +261,7 @@ def finish(
             state.tables[name].adopt(r.tables[name])
         for name in DELTAS:
             delta = pl.read_parquet(store.local_path(r.deltas[name]), glob=False)
-            state.agg[name] = K.add(state.agg[name], delta, _KEYS[name])
+            state.agg[name] = K.add(state.agg[name], delta, K.KEYS[name])
         if r.rejects is not None:
             run.rejects.append(pl.read_parquet(store.local_path(r.rejects), glob=False))
         run.conflicts += r.conflicts
@@ -311,9 +313,6 @@ def merge_in_threads(
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
-_KEYS = {"daily": ["order_date"], "category": ["category", "order_date"], "pending": ["reason", "arrival_us"]}
-
-
 def _result_key(the_plan: MergePlan, index: int) -> str:
     return f"{the_plan.prefix}/p{index}/result.json"
 
@@ -336,12 +335,3 @@ def _open(store: Store, the_plan: MergePlan, prefix: str) -> State:
     state = State.open(store, head, prefix)
     state.agg["products"] = pl.read_parquet(store.local_path(the_plan.products), glob=False)
     return state
-
-
-def _put_frame(store: Store, scratch: Path, frame: pl.DataFrame, key: str) -> str:
-    scratch.mkdir(parents=True, exist_ok=True)
-    local = scratch / key.replace("/", "_")
-    frame.write_parquet(local, compression="zstd")
-    store.put_file(local, key)
-    local.unlink(missing_ok=True)
-    return key

@@ -86,8 +86,9 @@ MISMATCH: dict[str, pl.DataType] = {
     "_line": pl.Int64(),
     "_fno": pl.Int32(),
 }
-_KEYS = {"daily": ["order_date"], "users": ["user_id", "order_date"], "category": ["category", "order_date"]}
-_KEYS["pending"] = ["reason", "arrival_us"]
+#: The key columns of each aggregate (and of the (user, date) counts): what deltas are summed by.
+KEYS = {"daily": ["order_date"], "users": ["user_id", "order_date"], "category": ["category", "order_date"]}
+KEYS["pending"] = ["reason", "arrival_us"]
 
 
 def row_digest(columns: Sequence[str]) -> pl.Expr:
@@ -226,7 +227,7 @@ def nothing() -> Contribution:
 def delta(new: Contribution, old: Contribution) -> Contribution:
     """``new - old``, keeping only the keys whose figures moved. Mismatched items: those newly rejected."""
     out = {}
-    for name, key in _KEYS.items():
+    for name, key in KEYS.items():
         a, b = getattr(new, name), getattr(old, name)
         measures = [c for c in a.columns if c not in key]
         both = pl.concat([a, b.with_columns(-pl.col(m) for m in measures)], how="vertical_relaxed")

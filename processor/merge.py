@@ -186,7 +186,7 @@ def merge(
     head = load_head(store)
     head.buckets = head.buckets or buckets
     generation = max(generation, head.generation + 1)
-    prefix = f"state/g={generation}"
+    prefix = generation_prefix(generation)
     sweep(store, head)
     state = State.open(store, head, prefix)
     segments = committed_segments(store)
@@ -602,13 +602,7 @@ def publication(state: State, run: MergeRun, force: tuple[str, str] | None) -> P
 def commit_head(state: State, run: MergeRun, generation: int, prefix: str) -> Head:
     """Write the aggregates and the merge rejects, then the head: the commit point."""
     store = state.store
-    keys: dict[str, str] = {}
-    for name, frame in state.agg.items():
-        local = run.scratch / f"{name}.parquet"
-        frame.write_parquet(local, compression="zstd")
-        keys[name] = f"{prefix}/{name}.parquet"
-        store.put_file(local, keys[name])
-        local.unlink()
+    keys = {name: put_frame(store, run.scratch, frame, f"{prefix}/{name}.parquet") for name, frame in state.agg.items()}
     rejects = list(state.head.rejects)
     if run.rejects:
         rejects.append(_write_rejects(state, run, prefix))
@@ -622,6 +616,21 @@ def commit_head(state: State, run: MergeRun, generation: int, prefix: str) -> He
     )
     store.put_bytes(HEAD_KEY, msgspec.json.encode(head))
     return head
+
+
+def put_frame(store: Store, scratch: Path, frame: pl.DataFrame, key: str) -> str:
+    """Write a small frame (an aggregate, a delta) as ``key`` of the store, through a scratch file; the key."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    local = scratch / key.replace("/", "_")
+    frame.write_parquet(local, compression="zstd")
+    store.put_file(local, key)
+    local.unlink(missing_ok=True)
+    return key
+
+
+def generation_prefix(generation: int) -> str:
+    """Where the files a merge of this generation writes go."""
+    return f"state/g={generation}"
 
 
 def _write_rejects(state: State, run: MergeRun, prefix: str) -> str:

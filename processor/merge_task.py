@@ -47,9 +47,7 @@ def run_merge(settings: Settings, ws: Workspace, force: tuple[str, str] | None) 
             result = merge_local(ws.staging, settings, scratch, force)
         daily, category = current_kpis(ws.staging)
         return {**msgspec.structs.asdict(result), "kpis": _kpis(daily, category)}
-    from processor.aws.dynamo import MergeLock
-
-    lock = MergeLock(ws.ledger.client, ws.ledger.table)  # the lock is an item of the ledger table
+    lock = _merge_lock(ws)
     owner = f"{settings.execution_id}/{uuid.uuid4().hex[:8]}"
     try:
         generation = lock.acquire(owner, settings.lock_ttl_s)
@@ -105,9 +103,7 @@ def _fanout_lock(settings: Settings, ws: Workspace, plan_key: str) -> tuple[Merg
     heartbeat of this task too. Stops (StaleWriter) when the lease was lost: another merge may be running."""
     if ws.ledger is None or ws.kpis is None:
         raise ConfigError("merge-part and merge-finish run on AWS (locally, shopkpi process runs parts in threads)")
-    from processor.aws.dynamo import MergeLock
-
-    lock = MergeLock(ws.ledger.client, ws.ledger.table)
+    lock = _merge_lock(ws)
     plan = fanout.load_plan(ws.staging, plan_key)
     lock.check(plan.owner, plan.lease)
     ws.lease = lambda: lock.renew(plan.owner, plan.lease, settings.lock_ttl_s)
@@ -187,17 +183,23 @@ def merge_fallback(plan_key: str, error: dict[str, Any] | None, settings: Settin
     committed answered, or is answered on its retry); the next merge sweeps its files."""
     if ws.ledger is None or ws.kpis is None:
         raise ConfigError("merge-fallback runs on AWS")
-    from processor.aws.dynamo import MergeLock
-
     log.warning("fanout.failed", plan=plan_key, error=error, message="merging as one task instead")
     try:
         plan = fanout.load_plan(ws.staging, plan_key)
     except StalePlan:
         plan = None  # swept: another merge took over after the lease ran out; merging again finds what is left
     if plan is not None:
-        MergeLock(ws.ledger.client, ws.ledger.table).release(plan.owner, plan.lease)
+        _merge_lock(ws).release(plan.owner, plan.lease)
     result = run_merge(dataclasses.replace(settings, merge_parts=1), ws, None)
     return {**result, "fanout_failed": error or {}}
+
+
+def _merge_lock(ws: Workspace) -> MergeLock:
+    """The merge lock: an item of the ledger table."""
+    from processor.aws.dynamo import MergeLock
+
+    assert ws.ledger is not None
+    return MergeLock(ws.ledger.client, ws.ledger.table)
 
 
 def _publisher(
