@@ -31,11 +31,11 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import orjson
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from processor.aws.callback import Callback
 
 log = get_logger("task")
+T = TypeVar("T")
 
 
 # --- validate ------------------------------------------------------------------------------------------------
@@ -311,6 +312,20 @@ def _report_result(result: dict[str, Any] | None, error: ShopKpiError | None, ca
         return 1 if e.retryable else 2
 
 
+def _json(kind: type[T]) -> Callable[[str], T]:
+    """An argument given as JSON of ``kind``; a wrong one is told what is wrong (argparse prints it with usage)."""
+
+    def parse(text: str) -> T:
+        try:
+            return msgspec.json.decode(text, type=kind)
+        except msgspec.ValidationError as e:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {e}") from None
+        except msgspec.DecodeError as e:
+            raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --staging is accepted before or after the command (``shopkpi-task validate f.csv --staging DIR``): the
     # subcommands share it through a parent whose default is SUPPRESS, so a value given first is not reset.
@@ -324,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("source", nargs="?", help="s3://bucket/key or a local path")
     what.add_argument(
         "--event",
-        type=lambda text: msgspec.json.decode(text, type=LandedEvent),
+        type=_json(LandedEvent),
         help='the landed file as the workflow passes it: {"bucket", "key" (URL-encoded as in S3 events), "etag"}',
     )
     vp = sub.add_parser(
@@ -332,13 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vp.add_argument(
         "job",
-        type=lambda text: msgspec.json.decode(text, type=split.PartJob),
+        type=_json(split.PartJob),
         help='JSON: {"file_id", "source", "arrival", "header_end", "part": {"part", "start", "end"}}',
     )
     c = sub.add_parser("combine", parents=[common], help="the whole file's validation result from its parts'")
     c.add_argument(
         "split",
-        type=lambda text: msgspec.json.decode(text, type=split.Split),
+        type=_json(split.Split),
         help="JSON: the split as validate answered it",
     )
     t = sub.add_parser(
@@ -350,9 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser(
         "merge-part", parents=[common], help="one part of a first load's merge (after merge fanned out)"
     )
-    mp.add_argument(
-        "task", type=lambda text: msgspec.json.decode(text, type=fanout.PartTask), help='JSON: {"plan", "part"}'
-    )
+    mp.add_argument("task", type=_json(fanout.PartTask), help='JSON: {"plan", "part"}')
     mf = sub.add_parser("merge-finish", parents=[common], help="the final step of a fanned-out merge")
     mf.add_argument("plan", help="the plan's key, as merge answered it (state/g=<G>/plan.json)")
     mb = sub.add_parser("merge-fallback", parents=[common], help="after a failed fan-out: release it, merge as one")
