@@ -338,15 +338,18 @@ def _arrow_schema(dataset: Dataset) -> pa.Schema:
 class _SegmentSink:
     """Writes valid chunks to the segment on a background thread, overlapping I/O with the next chunk's checks.
 
-    At most one chunk waits to be written (bounded memory). Each chunk is sorted by bucket and written as a few row
-    groups, so a group's bucket range (its min/max statistics) is narrow and readers of some buckets skip the rest.
+    At most one chunk waits to be written (bounded memory). Each chunk is sorted by bucket and written as row groups
+    that start and end on bucket boundaries (:func:`bucket_row_groups`): a merge step reads some buckets, and a row
+    group holding other buckets too would be decompressed and decoded for nothing (with groups of an eighth of a
+    chunk, a first load's steps decoded each staged file about five times over; measured in docs/performance.md).
 
     Keys go to the spill only once the file leaves the usual export order: while each chunk's keys ascend above the
     previous chunk's, no key can repeat across chunks, so nothing is spilled; if a later chunk breaks that order,
     the keys of the chunks before it are read back from the finished segment (:meth:`duplicate_lines`).
     """
 
-    GROUPS_PER_CHUNK = 8
+    #: Most row groups per chunk: a bucket holding at least this share of a chunk has row groups of its own.
+    GROUPS_PER_CHUNK = 64
 
     def __init__(self, path: Path, schema: pa.Schema, dataset: Dataset, buckets: int, spill_dir: Path) -> None:
         self.schema = schema
@@ -375,8 +378,11 @@ class _SegmentSink:
         table = table[np.argsort(bucket, kind="stable")]
         counts = np.bincount(bucket)
         self.bucket_rows.update({int(b): int(counts[b]) for b in np.flatnonzero(counts)})
-        size = max(1, -(-table.height // self.GROUPS_PER_CHUNK))
-        self.writer.write_table(table.to_arrow().cast(self.schema), row_group_size=size)
+        arrow = table.to_arrow().cast(self.schema)
+        start = 0
+        for rows in bucket_row_groups(counts, self.GROUPS_PER_CHUNK):
+            self.writer.write_table(arrow.slice(start, rows), row_group_size=rows)
+            start += rows
 
     def _note_keys(self, keys: np.ndarray, lines: np.ndarray) -> None:
         if self._ordered and (self._unspilled == 0 or keys[0] > self._fence) and bool((keys[1:] > keys[:-1]).all()):
@@ -411,6 +417,23 @@ class _SegmentSink:
         finally:
             self._pool.shutdown()
             self.writer.close()
+
+
+def bucket_row_groups(counts: np.ndarray, max_groups: int) -> list[int]:
+    """Row group sizes for rows sorted by bucket (``counts`` rows per bucket): each group ends where a bucket ends,
+    and a group closes once it holds ``1 / max_groups`` of the rows, so there are at most ``max_groups`` groups and
+    a bucket with that many rows has groups of its own."""
+    target = max(1, -(-int(counts.sum()) // max_groups))
+    sizes: list[int] = []
+    acc = 0
+    for n in counts[counts > 0].tolist():
+        acc += n
+        if acc >= target:
+            sizes.append(acc)
+            acc = 0
+    if acc:
+        sizes.append(acc)
+    return sizes
 
 
 def _drop_lines(segment: Path, lines: np.ndarray, schema: pa.Schema, removed: Callable[[pl.DataFrame], None]) -> None:

@@ -63,7 +63,7 @@ class Settings:
     #: Hash buckets of the staging area (orders and items by order_id). Fixed once data is staged.
     buckets: int = field(default=32, metadata={"env": "SHOPKPI_BUCKETS"})
     #: Megabytes of CSV per streamed chunk while validating; bounds the memory of the validation pass.
-    chunk_mb: int = field(default=16, metadata={"env": "SHOPKPI_CHUNK_MB"})
+    chunk_mb: int = field(default=8, metadata={"env": "SHOPKPI_CHUNK_MB"})
     #: Kibibytes a CSV record may take; a longer one is a rejected row (``record_too_long``), skipped without ever
     #: being held whole, and so is the rest of a file behind an unclosed quote. Also bounds the header row.
     max_record_kb: int = field(default=1024, metadata={"env": "SHOPKPI_MAX_RECORD_KB"})

@@ -7,12 +7,16 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from processor.errors import FileRejected, Reason
-from processor.ingest import IngestOutput, ingest, open_local
-from processor.schema import ORDER_ITEMS, ORDERS, PRODUCTS, Dataset, detect_dataset
+from processor.ingest import IngestOutput, bucket_row_groups, ingest, open_local
+from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS, Dataset, detect_dataset
 from processor.validate import check_chunk, parse_timestamps
 
 CASES = Path(__file__).parent.parent / "cases" / "validation"
@@ -262,3 +266,30 @@ def test_ordinary_rejects_keep_values_by_column_and_no_raw_text(tmp_path: Path) 
     out = run(CASES / "items_money.csv", ORDER_ITEMS, tmp_path)
     df = pl.read_csv(out.rejects, infer_schema=False)
     assert df.get_column("_raw").null_count() == df.height
+
+
+def test_staged_row_groups_each_hold_one_bucket_so_a_merge_step_decodes_only_its_own(tmp_path: Path) -> None:
+    lines = ["order_id,user_id,status,created_at,returned_at,shipped_at,delivered_at,num_of_item"]
+    lines += [f"{i},{i % 97},complete,2025-03-01T10:00:00,,,,1" for i in range(1, 3001)]
+    path = tmp_path / "orders.csv"
+    path.write_text("\n".join(lines) + "\n")
+    out = run(path, ORDERS, tmp_path, chunk_bytes=20_000)  # several chunks, each sorted by bucket
+    source = pq.ParquetFile(out.segment)
+    assert source.metadata.num_row_groups > 4
+    for g in range(source.metadata.num_row_groups):
+        buckets = source.read_row_group(g, columns=[BUCKET]).column(0).to_numpy()
+        assert buckets.min() == buckets.max(), f"row group {g} mixes buckets {sorted(set(buckets.tolist()))}"
+    staged = pl.read_parquet(out.segment)
+    assert sorted(staged.get_column("order_id").to_list()) == list(range(1, 3001))
+    assert (staged.get_column(BUCKET) == staged.get_column("order_id") % 4).all()
+
+
+@given(st.lists(st.integers(0, 500), min_size=1, max_size=80), st.integers(1, 70))
+def test_row_groups_end_on_bucket_boundaries_and_stay_few(counts: list[int], max_groups: int) -> None:
+    arr = np.array(counts, dtype=np.int64)
+    sizes = bucket_row_groups(arr, max_groups)
+    assert sum(sizes) == arr.sum()
+    ends = set(np.cumsum(arr[arr > 0]).tolist())
+    assert set(np.cumsum(sizes).tolist()) <= ends  # no group ends inside a bucket
+    assert len(sizes) <= max_groups
+    assert all(s > 0 for s in sizes)
