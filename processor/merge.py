@@ -405,17 +405,20 @@ def apply_step(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple
         affected.append(t["order_items"].scan_column("product_id", moved_products, "order_id"))
 
     group_ids = pl.concat([s.cast(pl.Int64) for s in affected]).unique() if affected else pl.Series([], dtype=pl.Int64)
+    users = K.empty(K.USERS)
     if group_ids.len():
-        _recompute_groups(state, run, group_ids, order_wins, item_changed, products_old)
+        users = _recompute_groups(state, run, group_ids, order_wins, item_changed, products_old)
     with run.timed("write"):
         writes = [
-            (t["orders"], order_wins),
-            (t["items"], item_wins),
-            (t["order_items"], pl.concat([tombstones, item_changed])),
+            (t["orders"].append, order_wins),
+            (t["items"].append, item_wins),
+            (t["order_items"].append, pl.concat([tombstones, item_changed])),
+            # the (user, date) counts wait for the end of the merge (see _move_customers)
+            (t["users"].defer, users),
         ]
         # The tables' files are independent: one table's sort, Parquet and Bloom filter overlap the others'.
         with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="keyed-write") as pool:
-            for done in [pool.submit(table.append, rows, run.scratch) for table, rows in writes]:
+            for done in [pool.submit(write, rows, run.scratch) for write, rows in writes]:
                 done.result()
 
 
@@ -468,9 +471,10 @@ def _recompute_groups(
     order_wins: pl.DataFrame,
     item_changed: pl.DataFrame,
     products_old: pl.DataFrame,
-) -> None:
+) -> pl.DataFrame:
     """Read the changed order groups' old rows by key, build their new rows, and move the aggregates by
-    ``contributions(new) - contributions(old)`` (``products_old``: the products before this step)."""
+    ``contributions(new) - contributions(old)`` (``products_old``: the products before this step). Returns the
+    change of the (user, date) counts, for the caller to write beside the step's other keyed rows."""
     t = state.tables
     keys = pl.DataFrame({"order_id": group_ids})
     # Keyed state empty before this merge (a first load): a group's old rows could only be in this merge's own
@@ -494,6 +498,7 @@ def _recompute_groups(
     _move_aggregates(state, run, d)
     run.mismatched += new_c.mismatched.height - old_c.mismatched.height
     run.groups += group_ids.len()
+    return d.users
 
 
 def _incoming(
@@ -529,11 +534,8 @@ def _newest(rows: pl.DataFrame, key: str) -> pl.DataFrame:
 
 
 def _move_aggregates(state: State, run: MergeRun, d: K.Contribution) -> None:
-    """Add a delta to the aggregates. The (user, date) counts are appended as they are; customers move in
-    :func:`_move_customers`, once per merge."""
-    if d.users.height:
-        with run.timed("write"):
-            state.tables["users"].defer(d.users, run.scratch)
+    """Add a delta to the aggregates (not the (user, date) counts: :func:`apply_step` defers them, and customers
+    move in :func:`_move_customers`, once per merge)."""
     change = d.daily.with_columns(pl.lit(0, pl.Int64).alias("customers"))
     state.agg["daily"] = K.add(state.agg["daily"], change, ["order_date"])
     state.agg["category"] = K.add(state.agg["category"], d.category, ["category", "order_date"])
