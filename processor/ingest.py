@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from processor.duplicates import KeySpill
 from processor.errors import FileRejected, Reason
 from processor.reader import DEFAULT_MAX_RECORD_BYTES, read_chunks, read_header_line
-from processor.schema import BUCKET, Dataset, Kind, is_gzip
+from processor.schema import BUCKET, ROUTE, Dataset, Kind, is_gzip
 from processor.validate import (
     LINE,
     RAW,
@@ -324,9 +324,10 @@ def _extra_warning(extra: tuple[str, ...]) -> str:
 
 
 def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    # Dictionary encoding doubles the write time of this one-pass stage for little gain on these columns; the
-    # bucket column's statistics are what readers prune on.
-    return pq.ParquetWriter(path, schema, compression="lz4", use_dictionary=False, write_statistics=[BUCKET, LINE])
+    # Dictionary encoding doubles the write time of this one-pass stage for little gain on these columns. Readers
+    # prune row groups on the bucket's statistics, and on the route's when a bucket is too big for one merge step.
+    stats = [c for c in (BUCKET, LINE, ROUTE) if c in schema.names]
+    return pq.ParquetWriter(path, schema, compression="lz4", use_dictionary=False, write_statistics=stats)
 
 
 def _arrow_schema(dataset: Dataset) -> pa.Schema:
@@ -339,17 +340,18 @@ class _SegmentSink:
     """Writes valid chunks to the segment on a background thread, overlapping I/O with the next chunk's checks.
 
     At most one chunk waits to be written (bounded memory). Each chunk is sorted by bucket and written as row groups
-    that start and end on bucket boundaries (:func:`bucket_row_groups`): a merge step reads some buckets, and a row
-    group holding other buckets too would be decompressed and decoded for nothing (with groups of an eighth of a
-    chunk, a first load's steps decoded each staged file about five times over; measured in docs/performance.md).
+    that start and end on bucket boundaries (:func:`bucket_row_groups`): a merge step reads some buckets, and the
+    rows of other buckets in its row groups are decompressed and decoded for nothing (with groups of an eighth of a
+    chunk cut anywhere, a first load's steps decoded each staged file about five times over; docs/performance.md).
 
     Keys go to the spill only once the file leaves the usual export order: while each chunk's keys ascend above the
     previous chunk's, no key can repeat across chunks, so nothing is spilled; if a later chunk breaks that order,
     the keys of the chunks before it are read back from the finished segment (:meth:`duplicate_lines`).
     """
 
-    #: Most row groups per chunk: a bucket holding at least this share of a chunk has row groups of its own.
-    GROUPS_PER_CHUNK = 64
+    #: Most row groups per chunk. Fewer, bigger groups keep the footer small (every merge step reads it again);
+    #: more keep a step from decoding other buckets' rows. 16 for 32 buckets: two buckets a group.
+    GROUPS_PER_CHUNK = 16
 
     def __init__(self, path: Path, schema: pa.Schema, dataset: Dataset, buckets: int, spill_dir: Path) -> None:
         self.schema = schema

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from itertools import pairwise
 from pathlib import Path
 
 import msgspec
@@ -43,7 +44,7 @@ from processor import kpis as K
 from processor.keyed import KeyedTable, Run, TableFile, TableSpec
 from processor.log import get_logger
 from processor.model import CategoryKpi, MergeResult, OrderKpi
-from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS
+from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS, ROUTE
 from processor.settings import Settings
 from processor.stage import Segment, committed_segments, scan_segment
 from processor.store import Store
@@ -217,7 +218,7 @@ def _apply_delivery(state: State, run: MergeRun, delivery: list[Segment], rows_p
     """Steps 1 to 3 of the module docstring: the delivery in steps, applied one after the other, then compacted."""
     log.info("merge.start", files=len(delivery), generation=run.generation, state_rows=state.tables["order_items"].rows)
     numbers = register_files(state, delivery)
-    steps = _steps(delivery, rows_per_pass)
+    steps = _steps(state.store, delivery, rows_per_pass)
     with run.timed("read"):
         run.duplicates = duplicate_items(state, delivery, numbers, rows_per_pass)
     for step in steps:
@@ -284,23 +285,44 @@ def _version(s: Segment) -> int:
     return (s.arrival_us << K.TIE_BITS) | tie
 
 
-Step = list[tuple[Segment, list[int] | None]]
+@dataclass(frozen=True)
+class Cut:
+    """The staged rows of a file that one step reads: those of some buckets and, when one bucket holds more rows
+    than a step may, those of a range of order ids within it (orders and their items route by order id, so a cut
+    keeps an order and its items together whichever way it is made)."""
+
+    buckets: list[int]
+    lo: int | None = None  # order ids from ``lo`` (inclusive) ...
+    hi: int | None = None  # ... to ``hi`` (exclusive); None: no bound
+
+    def predicate(self) -> pl.Expr:
+        rows = pl.col(BUCKET).is_in(self.buckets)
+        if self.lo is not None:
+            rows &= pl.col(ROUTE) >= self.lo
+        if self.hi is not None:
+            rows &= pl.col(ROUTE) < self.hi
+        return rows
 
 
-def _steps(delivery: list[Segment], rows_per_pass: int) -> list[Step]:
+#: A step: the files it reads and which of their rows (None: all of them).
+Step = list[tuple[Segment, Cut | None]]
+
+
+def _steps(store: Store, delivery: list[Segment], rows_per_pass: int) -> list[Step]:
     """The delivery in steps of about ``rows_per_pass`` staged rows.
 
     A small delivery is one step. A bigger one is cut by staging bucket (``order_id mod buckets``) across all of its
-    files, so that an order and its items, wherever they were delivered, are applied in the same step and each
-    order group is computed once (the whole products delivery goes with the first step). Any cut would be exact:
-    a step compares every row with the state as the earlier steps left it.
+    files, and a bucket bigger than a step by order id (:func:`order_ranges`), so that an order and its items,
+    wherever they were delivered, are applied in the same step and each order group is computed once (the whole
+    products delivery goes with the first step). Any cut would be exact: a step compares every row with the state
+    as the earlier steps left it.
     """
     big = [s for s in delivery if s.dataset != PRODUCTS.name]
     total = sum(s.rows for s in big)
     if total <= rows_per_pass:
         return [[(s, None) for s in delivery]]
-    small = [(s, None) for s in delivery if s.dataset == PRODUCTS.name]
-    steps = bucket_steps(big, bucket_groups(bucket_load(big), rows_per_pass))
+    small: Step = [(s, None) for s in delivery if s.dataset == PRODUCTS.name]
+    steps = bucket_steps(store, big, bucket_groups(bucket_load(big), rows_per_pass), rows_per_pass)
     return [(small if i == 0 else []) + step for i, step in enumerate(steps)]
 
 
@@ -326,21 +348,57 @@ def bucket_groups(load: dict[int, float], limit: float) -> list[list[int]]:
     return groups
 
 
-def bucket_steps(segments: list[Segment], groups: list[list[int]]) -> list[Step]:
-    """One step per bucket group: the files holding rows of those buckets, read for those buckets only."""
-    return [[(s, g) for s in segments if set(g).intersection(s.buckets)] for g in groups]
+def bucket_steps(store: Store, segments: list[Segment], groups: list[list[int]], rows_per_pass: int) -> list[Step]:
+    """One step per bucket group (the files holding rows of those buckets, read for those buckets only), and per
+    order id range of a bucket that holds more than ``rows_per_pass`` rows (:func:`order_ranges`)."""
+    load = bucket_load(segments)
+    span: tuple[int, int] | None = None
+    steps: list[Step] = []
+    for g in groups:
+        files = [s for s in segments if set(g).intersection(s.buckets)]
+        pieces = -(-int(sum(load.get(b, 0.0) for b in g)) // rows_per_pass)
+        if len(g) == 1 and pieces > 1:
+            span = span or route_span(store, segments)
+            ranges = order_ranges(span, pieces)
+        else:
+            ranges = [(None, None)]
+        steps += [[(s, Cut(g, lo, hi)) for s in files] for lo, hi in ranges]
+    return steps
+
+
+def route_span(store: Store, segments: list[Segment]) -> tuple[int, int]:
+    """The lowest and highest order id of the segments' rows (one integer column read, streaming)."""
+    scans = [scan_segment(store, s).select(ROUTE) for s in segments]
+    lo, hi = pl.concat(scans).select(pl.col(ROUTE).min().alias("lo"), pl.col(ROUTE).max().alias("hi")).collect().row(0)
+    return int(lo), int(hi)
+
+
+def order_ranges(span: tuple[int, int], pieces: int) -> list[tuple[int | None, int | None]]:
+    """``pieces`` ranges of equal width over ``span`` that together hold every order id (the first and last open).
+
+    Why: a step is at least one bucket, and with a fixed bucket count a bucket grows with the data, and a step's
+    memory with it (at 5 GB of CSV a bucket of 32 held 1.8 M staged rows, the merge peaked above 1 GiB). Order ids
+    are usually dense, so ranges of equal width hold about equal rows; skewed ids give uneven steps, never wrong
+    ones (any cut is exact). The staged files keep statistics of the order id, so a step's range also skips the
+    row groups of chunks outside it.
+    """
+    lo, hi = span
+    width = max(1, -(-(hi - lo + 1) // pieces))
+    cuts = [lo + width * j for j in range(1, pieces) if lo + width * j <= hi]
+    bounds: list[int | None] = [None, *cuts, None]
+    return list(pairwise(bounds))
 
 
 def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset: str) -> pl.DataFrame:
     rows = {ORDERS.name: K.order_rows, ORDER_ITEMS.name: K.item_rows, PRODUCTS.name: K.product_rows}[dataset]
     names = {ORDERS.name: ORDERS, ORDER_ITEMS.name: ORDER_ITEMS, PRODUCTS.name: PRODUCTS}[dataset].names
     frames = []
-    for seg, group in step:
+    for seg, cut in step:
         if seg.dataset != dataset:
             continue
         lf = scan_segment(state.store, seg)
-        if group is not None:
-            lf = lf.filter(pl.col(BUCKET).is_in(group))
+        if cut is not None:
+            lf = lf.filter(cut.predicate())
         fno, ver = numbers[seg.file_id]
         lf = lf.with_columns(pl.lit(ver, pl.Int64).alias(K.VER), pl.lit(fno, pl.Int32).alias("_fno"))
         frames.append(rows(lf, names))
@@ -478,7 +536,7 @@ def _recompute_groups(
     t = state.tables
     keys = pl.DataFrame({"order_id": group_ids})
     # Keyed state empty before this merge (a first load): a group's old rows could only be in this merge's own
-    # files, and those hold other buckets (steps never share one, and no item has an old order): none to read.
+    # files, and those hold other orders (steps never share an order: :class:`Cut`; no item has an old order).
     before = 0 if state.start["orders"] == state.start["order_items"] == 0 else None
     with run.timed("lookup"):
         orders_old = t["orders"].lookup(keys, files=before)
@@ -524,7 +582,7 @@ def _incoming(
         new = raw  # one file: its keys are unique (validation rejects a repeated key)
     with run.timed("lookup"):
         # Only the files from before this merge: no other step of it holds these keys (orders: steps never share
-        # a bucket; items: an id the delivery holds twice was resolved to one step, see above).
+        # an order; items: an id the delivery holds twice was resolved to one step, see above).
         old = state.tables[table].lookup(new.select(key), files=state.start[table])
     return _winners(run, new, old, key)
 

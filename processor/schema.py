@@ -20,6 +20,8 @@ class Kind(StrEnum):
 
 #: Staging bucket column: ``route mod buckets``. Orders and their items share a bucket (both routed by order_id).
 BUCKET = "_b"
+#: The route of the datasets staged in buckets (orders and items): a required column of both.
+ROUTE = "order_id"
 MONEY_DTYPE = pl.Decimal(18, 2)
 TS_DTYPE = pl.Datetime("us", "UTC")
 STATUSES = ("processing", "shipped", "delivered", "complete", "returned", "cancelled")
@@ -99,7 +101,7 @@ ORDERS = Dataset(
         _c("num_of_item", Kind.INT, True),
     ),
     key="order_id",
-    route="order_id",
+    route=ROUTE,
     later_timestamps=("shipped_at", "delivered_at", "returned_at"),
 )
 
@@ -118,7 +120,7 @@ ORDER_ITEMS = Dataset(
         _c("sale_price", Kind.MONEY, True),
     ),
     key="id",
-    route="order_id",
+    route=ROUTE,
     later_timestamps=("shipped_at", "delivered_at", "returned_at"),
 )
 

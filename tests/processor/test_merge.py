@@ -7,13 +7,16 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import polars as pl
 import pytest
 
-from processor.merge import HEAD_KEY, Publication, current_kpis, load_head, merge
+from processor.merge import HEAD_KEY, Publication, bucket_steps, current_kpis, load_head, merge
 from processor.pipeline import LocalRun, process_local, stage_local
 from processor.settings import Settings
+from processor.stage import committed_segments, scan_segment
 from processor.store import LocalStore
 from tests.builders import WriteCsv, item, order, product
+from tests.processor.test_invariant import KpiTable
 
 
 def run(paths: list[Path], staging: Path, settings: Settings) -> LocalRun:
@@ -316,3 +319,35 @@ def test_file_names_with_glob_characters_merge_like_any_other(
     later = run([write_csv("orders_part2.csv", [order(11, 101, "2025-03-01T09:00:00")])], staging, settings)
     [k] = later.daily
     assert (k.total_orders, k.total_items_sold, k.total_revenue) == (2, 1, Decimal("4.00"))
+
+
+def test_a_bucket_bigger_than_a_step_is_merged_in_order_ranges_with_the_same_kpis(
+    write_csv: WriteCsv, tmp_path: Path
+) -> None:
+    """One staging bucket holds everything; with steps of 12 rows the merge cuts it by order id (each step a
+    range of orders with their items) and publishes what one step would."""
+    orders = [order(i, 100 + i % 5, f"2025-03-0{1 + i % 3}T08:00:00") for i in range(1, 61)]
+    items = [item(i, 1 + i % 60, 100 + (1 + i % 60) % 5, 1 + i % 2, f"{i}.50") for i in range(1, 121)]
+    files = [
+        write_csv("products.csv", [product(1, "Books"), product(2, "Toys")]),
+        write_csv("orders.csv", orders),
+        write_csv("order_items.csv", items),
+    ]
+    one_bucket = Settings.load(env={}, buckets=1, work_dir=tmp_path / "work")
+    whole = run(files, tmp_path / "whole", one_bucket)
+
+    store = LocalStore(tmp_path / "cut")
+    stage_local(files, store, one_bucket, tmp_path / "work")
+    big = [s for s in committed_segments(store) if s.dataset != "products"]
+    steps = bucket_steps(store, big, [[0]], rows_per_pass=12)
+    assert len(steps) == 15  # 180 staged rows in ranges of about 12
+    staged = pl.concat([scan_segment(store, s) for s in big], how="diagonal").collect()
+    cuts = [step[0][1] for step in steps]
+    per_step = [staged.filter(cut.predicate()).height for cut in cuts if cut is not None]
+    assert sum(per_step) == 180 and max(per_step) <= 12  # every row in exactly one step, none too big
+
+    table = KpiTable()
+    merge(store, generation=0, scratch=tmp_path / "m", publish=table.publish, rows_per_pass=12)
+    daily, category = current_kpis(store)
+    assert (daily, category) == (whole.daily, whole.category)
+    assert [k.public() for k in daily] == table.kpis()["daily"]
