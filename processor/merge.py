@@ -367,9 +367,11 @@ def bucket_steps(store: Store, segments: list[Segment], groups: list[list[int]],
 
 
 def route_span(store: Store, segments: list[Segment]) -> tuple[int, int]:
-    """The lowest and highest order id of the segments' rows (one integer column read, streaming)."""
+    """The lowest and highest order id of the segments' rows (one integer column read by the streaming engine, so
+    the column is never held whole: 58 M ids at 5 GB)."""
     scans = [scan_segment(store, s).select(ROUTE) for s in segments]
-    lo, hi = pl.concat(scans).select(pl.col(ROUTE).min().alias("lo"), pl.col(ROUTE).max().alias("hi")).collect().row(0)
+    span = pl.concat(scans).select(pl.col(ROUTE).min().alias("lo"), pl.col(ROUTE).max().alias("hi"))
+    lo, hi = span.collect(engine="streaming").row(0)
     return int(lo), int(hi)
 
 
