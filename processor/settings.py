@@ -116,9 +116,9 @@ class Settings:
             names = [f.metadata["env"]]
             if f.name == "region":
                 names = ["AWS_REGION", "AWS_DEFAULT_REGION"]
-            raw = next((env[n] for n in names if env.get(n)), None)
-            if raw is not None:
-                values[f.name] = _convert(f.name, raw)
+            found = next(((n, env[n]) for n in names if env.get(n)), None)
+            if found is not None:
+                values[f.name] = _convert(f.name, *found)
         settings = cls(**values)
         settings.check()
         return settings
@@ -126,8 +126,10 @@ class Settings:
     def check(self) -> None:
         if self.buckets < 1 or self.buckets > 4096:
             raise ConfigError(f"SHOPKPI_BUCKETS must be 1..4096, got {self.buckets}")
-        if self.chunk_mb < 1 or self.merge_rows < 1:
-            raise ConfigError("SHOPKPI_CHUNK_MB and SHOPKPI_MERGE_ROWS must be positive")
+        if self.chunk_mb < 1:
+            raise ConfigError(f"SHOPKPI_CHUNK_MB must be a positive number of megabytes, got {self.chunk_mb}")
+        if self.merge_rows < 1:
+            raise ConfigError(f"SHOPKPI_MERGE_ROWS must be a positive number of rows, got {self.merge_rows}")
         if self.max_record_kb < 1:
             raise ConfigError(f"SHOPKPI_MAX_RECORD_KB must be positive, got {self.max_record_kb}")
         if self.split_mb < 0 or self.part_mb <= 0 or self.max_parts < 1:
@@ -157,7 +159,8 @@ _INTEGERS = frozenset(
 )
 
 
-def _convert(name: str, raw: str) -> Any:
+def _convert(name: str, var: str, raw: str) -> Any:
+    """The value of field ``name`` given as text in environment variable ``var``."""
     try:
         if name == "max_invalid_share":
             return parse_share(raw)
@@ -169,6 +172,9 @@ def _convert(name: str, raw: str) -> Any:
             return float(raw)
         if name == "work_dir":
             return Path(raw)
+    except ConfigError as e:  # a duration or a share: the parser says what it expects
+        raise ConfigError(f"{var}: {e}") from e
     except ValueError as e:
-        raise ConfigError(f"bad value for {name}: {raw!r}") from e
+        kind = "a whole number" if name in _INTEGERS else "a number"
+        raise ConfigError(f"{var}={raw!r} is not {kind}") from e
     return raw

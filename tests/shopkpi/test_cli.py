@@ -238,6 +238,29 @@ def test_a_bad_setting_is_one_line(
     assert one_line(capsys.readouterr().err) == "error [ShopKpi.ConfigError]: SHOPKPI_BUCKETS must be 1..4096, got 0"
 
 
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("SHOPKPI_CHUNK_MB", "0", "SHOPKPI_CHUNK_MB must be a positive number of megabytes, got 0"),
+        ("SHOPKPI_CHUNK_MB", "8MB", "SHOPKPI_CHUNK_MB='8MB' is not a whole number"),
+        ("SHOPKPI_MERGE_ROWS", "-1", "SHOPKPI_MERGE_ROWS must be a positive number of rows, got -1"),
+        ("SHOPKPI_SPLIT_MB", "lots", "SHOPKPI_SPLIT_MB='lots' is not a number"),
+        ("SHOPKPI_LOCK_TTL", "1 day", "SHOPKPI_LOCK_TTL: not a duration: '1 day' (use e.g. 3600, 90m, 24h, 2d)"),
+    ],
+)
+def test_a_bad_setting_names_its_variable_and_value(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    var: str,
+    value: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv(var, value)
+    assert main(["process", str(tmp_path)]) == 2
+    assert one_line(capsys.readouterr().err) == f"error [ShopKpi.ConfigError]: {message}"
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
