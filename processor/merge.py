@@ -38,7 +38,9 @@ from itertools import pairwise
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from processor import kpis as K
 from processor.keyed import KeyedTable, Run, TableFile, TableSpec
@@ -312,7 +314,7 @@ def _steps(store: Store, delivery: list[Segment], rows_per_pass: int) -> list[St
     """The delivery in steps of about ``rows_per_pass`` staged rows.
 
     A small delivery is one step. A bigger one is cut by staging bucket (``order_id mod buckets``) across all of its
-    files, and a bucket bigger than a step by order id (:func:`order_ranges`), so that an order and its items,
+    files, and a bucket bigger than a step by order id (:class:`RouteIndex`), so that an order and its items,
     wherever they were delivered, are applied in the same step and each order group is computed once (the whole
     products delivery goes with the first step). Any cut would be exact: a step compares every row with the state
     as the earlier steps left it.
@@ -350,45 +352,111 @@ def bucket_groups(load: dict[int, float], limit: float) -> list[list[int]]:
 
 def bucket_steps(store: Store, segments: list[Segment], groups: list[list[int]], rows_per_pass: int) -> list[Step]:
     """One step per bucket group (the files holding rows of those buckets, read for those buckets only), and per
-    order id range of a bucket that holds more than ``rows_per_pass`` rows (:func:`order_ranges`)."""
+    order id range of a bucket that holds more than ``rows_per_pass`` rows (:class:`RouteIndex`)."""
     load = bucket_load(segments)
-    span: tuple[int, int] | None = None
+    index: RouteIndex | None = None
     steps: list[Step] = []
     for g in groups:
         files = [s for s in segments if set(g).intersection(s.buckets)]
         pieces = -(-int(sum(load.get(b, 0.0) for b in g)) // rows_per_pass)
         if len(g) == 1 and pieces > 1:
-            span = span or route_span(store, segments)
-            ranges = order_ranges(span, pieces)
+            index = index or RouteIndex.of(store, segments)
+            ranges = index.ranges(g[0], rows_per_pass, pieces)
         else:
             ranges = [(None, None)]
         steps += [[(s, Cut(g, lo, hi)) for s in files] for lo, hi in ranges]
     return steps
 
 
+Range = tuple[int | None, int | None]
+
+
+@dataclass
+class RouteIndex:
+    """Where a big delivery's order ids lie, to cut a bucket that is bigger than a step into order-id ranges.
+
+    Why: a step is at least one bucket, and with the bucket count fixed at the first load a bucket grows with the
+    data, and a step's memory with it (at 5 GB of CSV a bucket of 32 held 1.8 M staged rows, and the merge peaked
+    above 1 GiB). The staged files' row groups each hold a bucket or two of one chunk, and their statistics say
+    which order ids and how many rows; read once per merge from the files' footers, they give cuts of about
+    ``rows_per_pass`` rows each however the ids are spread (:func:`_quantiles`). Files staged before those
+    statistics were kept give only the span of the ids: ranges of equal width (ids are usually dense; skewed ones
+    give uneven steps, never wrong ones: any cut is exact).
+    """
+
+    groups: np.ndarray | None  # per row group: lowest and highest bucket, lowest and highest order id, rows
+    span: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, store: Store, segments: list[Segment]) -> RouteIndex:
+        found: list[np.ndarray] = []
+        for seg in segments:
+            for key in [p.key for p in seg.pieces] or [seg.key]:
+                with store.open(key) as handle:
+                    groups = _route_groups(pq.read_metadata(handle))
+                if groups is None:
+                    return cls(None, route_span(store, segments))
+                found.append(groups)
+        return cls(np.concatenate(found) if found else np.empty((0, 5), dtype=np.int64))
+
+    def ranges(self, bucket: int, rows_per_pass: int, pieces: int) -> list[Range]:
+        """Order-id ranges that together hold every row of ``bucket`` (the first and the last open-ended)."""
+        if self.groups is None:
+            assert self.span is not None
+            lo, hi = self.span
+            width = max(1, -(-(hi - lo + 1) // pieces))
+            cuts = [lo + width * j for j in range(1, pieces) if lo + width * j <= hi]
+        else:
+            g = self.groups[(self.groups[:, 0] <= bucket) & (bucket <= self.groups[:, 1])]
+            rows = g[:, 4] / (g[:, 1] - g[:, 0] + 1)  # a group of several buckets: its rows shared evenly
+            cuts = _quantiles(g[:, 2], g[:, 3], rows, rows_per_pass)
+        bounds: list[int | None] = [None, *cuts, None]
+        return list(pairwise(bounds))
+
+
+def _quantiles(low: np.ndarray, high: np.ndarray, rows: np.ndarray, step: int) -> list[int]:
+    """Order ids that cut ``rows`` spread evenly over the ranges ``[low, high]`` into parts of about ``step``.
+
+    The row groups' ranges overlap (orders and items files, chunks out of order), so their rows are summed as a
+    density over the ids, whose running total is inverted at each multiple of ``step``."""
+    points = np.concatenate([low, high + 1]).astype(np.float64)
+    width = np.maximum(high + 1 - low, 1).astype(np.float64)
+    order = np.argsort(points, kind="stable")
+    points = points[order]
+    density = np.maximum(np.cumsum(np.concatenate([rows / width, -rows / width])[order])[:-1], 0.0)
+    between = density * np.diff(points)  # rows in [points[i], points[i + 1])
+    before = np.concatenate([[0.0], np.cumsum(between)])
+    targets = np.arange(1, int(np.ceil(before[-1] / step))) * float(step)
+    i = np.clip(np.searchsorted(before, targets, side="right") - 1, 0, between.size - 1)
+    frac = (targets - before[i]) / np.where(between[i] > 0, between[i], 1.0)
+    at = np.ceil(points[i] + frac * (points[i + 1] - points[i])).astype(np.int64)
+    return sorted(set(at.tolist()))
+
+
+def _route_groups(md: pq.FileMetaData) -> np.ndarray | None:
+    """(lowest bucket, highest bucket, lowest order id, highest order id, rows) of each row group; None without
+    their statistics."""
+    names = md.schema.names
+    if BUCKET not in names or ROUTE not in names:
+        return None
+    b_col, r_col = names.index(BUCKET), names.index(ROUTE)
+    out = np.empty((md.num_row_groups, 5), dtype=np.int64)
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        b, r = rg.column(b_col).statistics, rg.column(r_col).statistics
+        if b is None or r is None or not (b.has_min_max and r.has_min_max):
+            return None
+        out[i] = (b.min, b.max, r.min, r.max, rg.num_rows)
+    return out
+
+
 def route_span(store: Store, segments: list[Segment]) -> tuple[int, int]:
     """The lowest and highest order id of the segments' rows (one integer column read by the streaming engine, so
-    the column is never held whole: 58 M ids at 5 GB)."""
+    the column is never held whole)."""
     scans = [scan_segment(store, s).select(ROUTE) for s in segments]
     span = pl.concat(scans).select(pl.col(ROUTE).min().alias("lo"), pl.col(ROUTE).max().alias("hi"))
     lo, hi = span.collect(engine="streaming").row(0)
     return int(lo), int(hi)
-
-
-def order_ranges(span: tuple[int, int], pieces: int) -> list[tuple[int | None, int | None]]:
-    """``pieces`` ranges of equal width over ``span`` that together hold every order id (the first and last open).
-
-    Why: a step is at least one bucket, and with a fixed bucket count a bucket grows with the data, and a step's
-    memory with it (at 5 GB of CSV a bucket of 32 held 1.8 M staged rows, the merge peaked above 1 GiB). Order ids
-    are usually dense, so ranges of equal width hold about equal rows; skewed ids give uneven steps, never wrong
-    ones (any cut is exact). The staged files keep statistics of the order id, so a step's range also skips the
-    row groups of chunks outside it.
-    """
-    lo, hi = span
-    width = max(1, -(-(hi - lo + 1) // pieces))
-    cuts = [lo + width * j for j in range(1, pieces) if lo + width * j <= hi]
-    bounds: list[int | None] = [None, *cuts, None]
-    return list(pairwise(bounds))
 
 
 def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset: str) -> pl.DataFrame:
