@@ -16,6 +16,12 @@ from botocore.stub import Stubber
 
 from processor.aws.s3 import S3Store, is_s3_uri, join_uri, split_uri
 from processor.errors import AwsError, ConfigError, NotFound, ServiceUnavailable, Throttled
+from processor.merge import bucket_steps
+from processor.pipeline import stage_local
+from processor.settings import Settings
+from processor.stage import committed_segments
+from processor.store import LocalStore, S3StagingStore
+from tests.builders import WriteCsv, item, order
 
 BUCKET = "landing"
 MiB = 1024 * 1024
@@ -300,3 +306,23 @@ def test_keys_are_url_encoded_as_s3_events_write_them_and_decoded_back() -> None
         assert key_from_event(event_key(key)) == key
 
     roundtrip()
+
+
+def test_order_ranges_of_a_big_bucket_come_from_s3_footers_as_from_local_files(
+    store: S3Store, tmp_path: Path, write_csv: WriteCsv
+) -> None:
+    """The merge reads the staged files' row group statistics through ranged reads on S3 (no download): the same
+    cuts as from the same files on disk."""
+    orders = [order(i, 100 + i % 5, "2025-03-01T08:00:00") for i in range(1, 61)]
+    items = [item(i, 1 + i % 60, 100 + (1 + i % 60) % 5, 1, "2.50") for i in range(1, 121)]
+    files = [write_csv("orders.csv", orders), write_csv("order_items.csv", items)]
+    local = LocalStore(tmp_path / "local")
+    stage_local(files, local, Settings.load(env={}, buckets=1, work_dir=tmp_path / "work"), tmp_path / "work")
+    remote = S3StagingStore(store, "staging", tmp_path / "cache")
+    for key in local.list_keys(""):
+        remote.put_file(local.local_path(key), key)
+    segments = committed_segments(local)
+    expected = bucket_steps(local, segments, [[0]], rows_per_pass=12)
+    assert len(expected) == 15
+    assert bucket_steps(remote, committed_segments(remote), [[0]], rows_per_pass=12) == expected
+    assert not any((tmp_path / "cache").rglob("*.parquet"))  # footers read by range, nothing downloaded
