@@ -422,9 +422,9 @@ class _SegmentSink:
 
 
 def bucket_row_groups(counts: np.ndarray, max_groups: int) -> list[int]:
-    """Row group sizes for rows sorted by bucket (``counts`` rows per bucket): each group ends where a bucket ends,
-    and a group closes once it holds ``1 / max_groups`` of the rows, so there are at most ``max_groups`` groups and
-    a bucket with that many rows has groups of its own."""
+    """Row group sizes for rows sorted by bucket (``counts`` rows per bucket): each group ends where a bucket ends
+    and closes once it holds at least ``1 / max_groups`` of the rows, so there are at most ``max_groups`` groups
+    (with buckets of about equal size, ``buckets / max_groups`` buckets a group, or one when there are fewer)."""
     target = max(1, -(-int(counts.sum()) // max_groups))
     sizes: list[int] = []
     acc = 0
