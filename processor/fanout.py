@@ -213,7 +213,7 @@ def run_part(
     big = [s for s in the_plan.delivery if s.dataset != PRODUCTS.name]
     mine = set(the_plan.parts[index])
     load = {b: n for b, n in bucket_load(big).items() if b in mine}
-    for step in bucket_steps(store, big, bucket_groups(load, the_plan.rows_per_pass), the_plan.rows_per_pass):
+    for step in bucket_steps(store, big, load, the_plan.rows_per_pass):
         apply_step(state, run, step, the_plan.numbers)
     users = state.tables["users"].flush(scratch, the_plan.rows_per_pass)
     prefix = f"{the_plan.prefix}/p{index}"

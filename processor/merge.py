@@ -324,7 +324,7 @@ def _steps(store: Store, delivery: list[Segment], rows_per_pass: int) -> list[St
     if total <= rows_per_pass:
         return [[(s, None) for s in delivery]]
     small: Step = [(s, None) for s in delivery if s.dataset == PRODUCTS.name]
-    steps = bucket_steps(store, big, bucket_groups(bucket_load(big), rows_per_pass), rows_per_pass)
+    steps = bucket_steps(store, big, bucket_load(big), rows_per_pass)
     return [(small if i == 0 else []) + step for i, step in enumerate(steps)]
 
 
@@ -350,13 +350,13 @@ def bucket_groups(load: dict[int, float], limit: float) -> list[list[int]]:
     return groups
 
 
-def bucket_steps(store: Store, segments: list[Segment], groups: list[list[int]], rows_per_pass: int) -> list[Step]:
-    """One step per bucket group (the files holding rows of those buckets, read for those buckets only), and per
-    order id range of a bucket that holds more than ``rows_per_pass`` rows (:class:`RouteIndex`)."""
-    load = bucket_load(segments)
+def bucket_steps(store: Store, segments: list[Segment], load: dict[int, float], rows_per_pass: int) -> list[Step]:
+    """One step per group of the buckets in ``load`` (:func:`bucket_groups`: the files holding rows of those
+    buckets, read for those buckets only), and per order id range of a bucket that holds more than
+    ``rows_per_pass`` rows (:class:`RouteIndex`)."""
     index: RouteIndex | None = None
     steps: list[Step] = []
-    for g in groups:
+    for g in bucket_groups(load, rows_per_pass):
         files = [s for s in segments if set(g).intersection(s.buckets)]
         pieces = -(-int(sum(load.get(b, 0.0) for b in g)) // rows_per_pass)
         if len(g) == 1 and pieces > 1:

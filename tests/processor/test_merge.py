@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from processor.merge import HEAD_KEY, Publication, RouteIndex, bucket_steps, current_kpis, load_head, merge
+from processor.merge import HEAD_KEY, Publication, RouteIndex, bucket_load, bucket_steps, current_kpis, load_head, merge
 from processor.pipeline import LocalRun, process_local, stage_local
 from processor.settings import Settings
 from processor.stage import committed_segments, scan_segment
@@ -340,7 +340,7 @@ def test_a_bucket_bigger_than_a_step_is_merged_in_order_ranges_with_the_same_kpi
     store = LocalStore(tmp_path / "cut")
     stage_local(files, store, one_bucket, tmp_path / "work")
     big = [s for s in committed_segments(store) if s.dataset != "products"]
-    steps = bucket_steps(store, big, [[0]], rows_per_pass=12)
+    steps = bucket_steps(store, big, bucket_load(big), rows_per_pass=12)
     assert len(steps) == 15  # 180 staged rows in ranges of about 12
     staged = pl.concat([scan_segment(store, s) for s in big], how="diagonal").collect()
     cuts = [step[0][1] for step in steps]

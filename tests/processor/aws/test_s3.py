@@ -16,7 +16,7 @@ from botocore.stub import Stubber
 
 from processor.aws.s3 import S3Store, is_s3_uri, join_uri, split_uri
 from processor.errors import AwsError, ConfigError, NotFound, ServiceUnavailable, Throttled
-from processor.merge import bucket_steps
+from processor.merge import bucket_load, bucket_steps
 from processor.pipeline import stage_local
 from processor.settings import Settings
 from processor.stage import committed_segments
@@ -322,7 +322,7 @@ def test_order_ranges_of_a_big_bucket_come_from_s3_footers_as_from_local_files(
     for key in local.list_keys(""):
         remote.put_file(local.local_path(key), key)
     segments = committed_segments(local)
-    expected = bucket_steps(local, segments, [[0]], rows_per_pass=12)
+    expected = bucket_steps(local, segments, bucket_load(segments), rows_per_pass=12)
     assert len(expected) == 15
-    assert bucket_steps(remote, committed_segments(remote), [[0]], rows_per_pass=12) == expected
+    assert bucket_steps(remote, committed_segments(remote), bucket_load(segments), rows_per_pass=12) == expected
     assert not any((tmp_path / "cache").rglob("*.parquet"))  # footers read by range, nothing downloaded
