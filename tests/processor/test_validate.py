@@ -284,6 +284,31 @@ def test_staged_row_groups_each_hold_one_bucket_so_a_merge_step_decodes_only_its
     assert (staged.get_column(BUCKET) == staged.get_column("order_id") % 4).all()
 
 
+def test_staged_numbers_are_delta_encoded_uncompressed_and_read_back_exactly(tmp_path: Path) -> None:
+    lines = ["id,order_id,user_id,product_id,status,created_at,shipped_at,delivered_at,returned_at,sale_price"]
+    prices = ["0.01", "12.5", "99999999.99", "7", "0"]
+    lines += [
+        f"{i},{i // 2 + 1},{i % 13},{i % 7},shipped,2025-03-01T10:00:{i % 60:02d},,,,{prices[i % 5]}"
+        for i in range(1, 2001)
+    ]
+    path = tmp_path / "items.csv"
+    path.write_text("\n".join(lines) + "\n")
+    out = run(path, ORDER_ITEMS, tmp_path, chunk_bytes=20_000)
+    meta = pq.ParquetFile(out.segment).metadata
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(g).column(c)
+            assert col.compression == "UNCOMPRESSED", col.path_in_schema
+            if col.path_in_schema == "status":
+                assert "RLE_DICTIONARY" in col.encodings
+            else:  # ids, timestamps, line numbers, buckets, and money as integer cents
+                assert "DELTA_BINARY_PACKED" in col.encodings, (col.path_in_schema, col.encodings)
+    staged = pl.read_parquet(out.segment).sort("id")
+    assert staged.schema["sale_price"] == pl.Decimal(18, 2)
+    assert [str(v) for v in staged.get_column("sale_price").head(5)] == ["12.50", "99999999.99", "7.00", "0.00", "0.01"]
+    assert staged.get_column("created_at").dt.second().head(3).to_list() == [1, 2, 3]
+
+
 @given(st.lists(st.integers(0, 500), min_size=1, max_size=80), st.integers(1, 70))
 def test_row_groups_end_on_bucket_boundaries_and_stay_few(counts: list[int], max_groups: int) -> None:
     arr = np.array(counts, dtype=np.int64)
