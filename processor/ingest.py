@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from processor.duplicates import KeySpill
 from processor.errors import FileRejected, Reason
+from processor.parquet import write_options
 from processor.reader import DEFAULT_MAX_RECORD_BYTES, read_chunks, read_header_line
 from processor.schema import BUCKET, ROUTE, Dataset, Kind, is_gzip
 from processor.validate import (
@@ -324,29 +325,10 @@ def _extra_warning(extra: tuple[str, ...]) -> str:
 
 
 def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    # Numbers (ids, line numbers, timestamps, cents) are delta-encoded and everything else (statuses, names) is
-    # dictionary-encoded, with no compression on top: against plain values with LZ4, the staged files of the
-    # 2 GB set are 40-55 % smaller and about a third cheaper to write, and no slower to read (ids and timestamps
-    # ascend within a bucket, so their deltas take a few bits; docs/performance.md, "Staged encodings"). Readers
-    # prune row groups on the bucket's statistics, and on the route's when a bucket is too big for one merge step.
+    # Readers prune row groups on the bucket's statistics, and on the route's when a bucket is too big for one
+    # merge step; no other statistics are worth their bytes here.
     stats = [c for c in (BUCKET, LINE, ROUTE) if c in schema.names]
-    deltas = [f.name for f in schema if _is_number(f.type)]
-    return pq.ParquetWriter(
-        path,
-        schema,
-        compression="none",
-        use_dictionary=[f.name for f in schema if f.name not in deltas],
-        store_decimal_as_integer=True,
-        column_encoding=dict.fromkeys(deltas, "DELTA_BINARY_PACKED"),
-        write_statistics=stats,
-    )
-
-
-def _is_number(t: pa.DataType) -> bool:
-    """Columns stored as Parquet integers (decimals of at most 18 digits too, with ``store_decimal_as_integer``)."""
-    if pa.types.is_decimal(t):
-        return bool(t.precision <= 18)
-    return bool(pa.types.is_integer(t) or pa.types.is_timestamp(t) or pa.types.is_date(t))
+    return pq.ParquetWriter(path, schema, write_statistics=stats, **write_options(schema))
 
 
 def _arrow_schema(dataset: Dataset) -> pa.Schema:

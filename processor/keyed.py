@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from processor.parquet import write_options
 from processor.store import LocalStore, Store
 
 #: Rows per Parquet row group: the unit a lookup reads. Small enough that a few thousand keys spread over a big
@@ -335,7 +336,8 @@ class KeyedTable:
         name = f"{self.prefix}/{self.spec.name}-{self._serial:04d}"
         scratch.mkdir(parents=True, exist_ok=True)
         local = scratch / f"{self.spec.name}-{self._serial:04d}.parquet"
-        frame.write_parquet(local, compression="lz4", row_group_size=ROW_GROUP, statistics=True)
+        table = frame.to_arrow()
+        pq.write_table(table, local, row_group_size=ROW_GROUP, **write_options(table.schema))
         self.store.put_file(local, name + ".parquet")
         local.unlink()
         bloom = None

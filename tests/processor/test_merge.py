@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
+from processor.kpis import HASH
 from processor.merge import HEAD_KEY, Publication, RouteIndex, bucket_load, bucket_steps, current_kpis, load_head, merge
 from processor.pipeline import LocalRun, process_local, stage_local
 from processor.settings import Settings
@@ -300,6 +302,36 @@ def test_merge_applies_only_the_delivery_and_compacts_as_it_grows(
     assert not any(f.startswith("segments/") for f in files)
     named = {f.key for runs in head.tables.values() for run in runs for f in run}
     assert {f for f in files if f.endswith(".parquet") and "/orders-" in f} <= named
+
+
+def test_keyed_state_is_delta_encoded_uncompressed_and_read_back_by_the_next_merge(
+    write_csv: WriteCsv, tmp_path: Path, settings: Settings
+) -> None:
+    staging = tmp_path / "staging"
+    run(one_order(write_csv), staging, settings)
+    # The next delivery moves the item to a new order of another day: the merge must read the old item and order
+    # back from the state files to take them out of 2025-03-01.
+    later = run(
+        [
+            write_csv("orders.csv", [order(11, 100, "2025-03-02T08:00:00")], folder="d2"),
+            write_csv("order_items.csv", [item(1, 11, 100, 1, "4.00")], folder="d2"),
+        ],
+        staging,
+        settings,
+    )
+    assert [(k.order_date, k.total_items_sold) for k in later.daily] == [("2025-03-01", 0), ("2025-03-02", 1)]
+    files = [p for p in (staging / "state").rglob("*.parquet") if p.name.split("-")[0] in ("orders", "order_items")]
+    assert files
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        for c in range(meta.num_columns):
+            col = meta.row_group(0).column(c)
+            assert col.compression == "UNCOMPRESSED", (path.name, col.path_in_schema)
+            kind = meta.schema.column(c).physical_type
+            if col.path_in_schema == HASH:
+                assert "DELTA_BINARY_PACKED" not in col.encodings  # random 64-bit values: plain
+            elif kind in ("INT64", "INT32"):
+                assert "DELTA_BINARY_PACKED" in col.encodings, (path.name, col.path_in_schema)
 
 
 def test_file_names_with_glob_characters_merge_like_any_other(
