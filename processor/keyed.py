@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
@@ -377,25 +378,36 @@ class KeyedTable:
     def _merge_runs(
         self, runs: list[Run], scratch: Path, bottom: bool, rows_per_file: int, dest: KeyedTable | None = None
     ) -> Run:
-        """Rewrite ``runs`` as files of disjoint key ranges (into ``dest``'s store, default this table's)."""
+        """Rewrite ``runs`` as files of disjoint key ranges (into ``dest``'s store, default this table's).
+
+        A range is written (sorted, encoded, filtered) on a second thread while the next one is read and resolved:
+        the two take about as long, and nothing else runs beside a merge's last flush. At most two ranges are in
+        memory at once."""
         dest = dest or self
         files = [f for run in runs for f in run]
         bounds = self._ranges(files, rows_per_file)
         out: Run = []
-        for lo, hi in bounds:
-            parts = []
-            for age, f in enumerate(files):
-                if f.hi < lo or f.lo > hi:
+        writing: Future[TableFile] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rewrite-{self.spec.name}") as pool:
+            for lo, hi in bounds:
+                parts = []
+                for age, f in enumerate(files):
+                    if f.hi < lo or f.lo > hi:
+                        continue
+                    part = self._read_range(f, lo, hi)
+                    if part.height:
+                        parts.append(part.with_columns(pl.lit(age, pl.Int32).alias("_age")))
+                if not parts:
                     continue
-                part = self._read_range(f, lo, hi)
-                if part.height:
-                    parts.append(part.with_columns(pl.lit(age, pl.Int32).alias("_age")))
-            if not parts:
-                continue
-            merged = self._resolve_lazy(pl.concat(parts, how="vertical_relaxed").lazy(), keep_deleted=not bottom)
-            frame = merged.collect()
-            if frame.height:
-                out.append(dest._write(frame, scratch))
+                merged = self._resolve_lazy(pl.concat(parts, how="vertical_relaxed").lazy(), keep_deleted=not bottom)
+                frame = merged.collect()
+                if not frame.height:
+                    continue
+                if writing is not None:
+                    out.append(writing.result())
+                writing = pool.submit(dest._write, frame, scratch)
+            if writing is not None:
+                out.append(writing.result())
         return out
 
     def _read_range(self, f: TableFile, lo: int, hi: int) -> pl.DataFrame:
