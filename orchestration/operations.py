@@ -482,7 +482,7 @@ def rejects(stack: Stack, limit: int = 20) -> list[FileRecord]:
 
 def merge_rejects(stack: Stack) -> dict[str, Any]:
     """Items the merge rejects as the state stands (``user_mismatch``) and where their rows are kept."""
-    from processor.merge import HEAD_KEY, Head
+    from processor.state import HEAD_KEY, Head
 
     data = stack.s3.get_bytes(f"staging/{HEAD_KEY}") if stack.s3.exists(f"staging/{HEAD_KEY}") else None
     head = msgspec.json.decode(data, type=Head) if data else Head()

@@ -14,7 +14,7 @@ The steps, each a task of its own on AWS (a Map over ECS tasks) or a thread loca
 
 1. :func:`plan` (under the merge lock, which it keeps): the delivery, its file numbers, the latest products, the
    item ids held twice, and bucket groups of about equal rows, written to ``state/g=<G>/plan.json``;
-2. :func:`run_part` for each group: the single-task merge's own steps (:func:`processor.merge.apply_step`) on
+2. :func:`run_part` for each group: the single-task merge's own steps (:func:`processor.apply.apply_step`) on
    that group, writing the keyed tables' files and the aggregates' deltas under ``state/g=<G>/p<i>/`` and, last,
    ``result.json`` (a retried part that finds it answers it);
 3. :func:`finish`: adopts the parts' files into one run per table, sums the deltas, counts the customers, then
@@ -37,35 +37,16 @@ import msgspec
 import polars as pl
 
 from processor import kpis as K
+from processor.apply import apply_products, apply_step, count_customers, duplicate_items
 from processor.errors import StalePlan
 from processor.keyed import Run
 from processor.log import context, get_logger
-from processor.merge import (
-    Head,
-    MergeRun,
-    Publisher,
-    State,
-    apply_products,
-    apply_step,
-    bucket_groups,
-    bucket_load,
-    bucket_steps,
-    collect_garbage,
-    commit_head,
-    count_customers,
-    duplicate_items,
-    generation_prefix,
-    load_head,
-    publication,
-    put_frame,
-    register_files,
-    summarise,
-    sweep,
-    waiting_items,
-)
+from processor.merge import Publisher, commit_head, publication, register_files, summarise, waiting_items
 from processor.model import CategoryKpi, MergeResult, OrderKpi
 from processor.schema import PRODUCTS
 from processor.stage import Segment, committed_segments
+from processor.state import Head, MergeRun, State, collect_garbage, generation_prefix, load_head, put_frame, sweep
+from processor.steps import bucket_groups, bucket_load, bucket_steps
 from processor.store import Store
 
 log = get_logger("fanout")

@@ -24,10 +24,11 @@ import msgspec
 from processor import fanout
 from processor.errors import ConfigError, LockBusy, StalePlan
 from processor.log import context, get_logger
-from processor.merge import Publication, Publisher, current_kpis, load_head, merge
+from processor.merge import Publication, Publisher, merge
 from processor.model import CategoryKpi, MergeResult, OrderKpi
 from processor.pipeline import merge_local
 from processor.settings import Settings
+from processor.state import current_kpis, load_head
 from processor.store import LocalStore
 from processor.workspace import Workspace, scratch_dir
 

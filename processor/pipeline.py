@@ -22,11 +22,12 @@ from processor import fanout
 from processor.errors import FileRejected, Reason
 from processor.ingest import IngestOutput, ingest, open_local
 from processor.log import context, get_logger
-from processor.merge import current_kpis, load_head, merge
+from processor.merge import merge
 from processor.model import CategoryKpi, MergeResult, OrderKpi, ValidationResult
 from processor.schema import detect_dataset
 from processor.settings import Settings
 from processor.stage import Segment, commit, file_id_for, is_committed, segment_key
+from processor.state import current_kpis, load_head
 from processor.store import LocalStore, Store
 
 log = get_logger("pipeline")

@@ -436,9 +436,7 @@ def multipart_upload_notifies_twice(patches: MotoPatches) -> list[Replacement]:
     from moto.s3 import notifications
     from moto.s3.models import FakeKey, S3Backend
 
-    def complete_multipart_upload(
-        self: S3Backend, bucket_name: str, multipart_id: str, body: Any
-    ) -> FakeKey | None:
+    def complete_multipart_upload(self: S3Backend, bucket_name: str, multipart_id: str, body: Any) -> FakeKey | None:
         bucket = self.get_bucket(bucket_name)
         multipart = bucket.multiparts[multipart_id]
         value, etag, checksum_details = multipart.complete(body)

@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 
 from processor import fanout
 from processor.errors import StalePlan
-from processor.merge import Publication, current_kpis, load_head, merge
+from processor.merge import Publication, merge
 from processor.model import MergeResult
 from processor.pipeline import process_local, stage_local
 from processor.settings import Settings
+from processor.state import current_kpis, load_head
 from processor.store import LocalStore
 from tests.builders import WriteCsv, item, order, product
 from tests.processor.test_invariant import KpiTable, Plan, _delivered, plans

@@ -22,10 +22,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processor.merge import Publication, current_kpis, merge
+from processor.merge import Publication, merge
 from processor.pipeline import process_local, stage_local
 from processor.schema import DATASETS
 from processor.settings import Settings
+from processor.state import current_kpis
 from processor.store import LocalStore
 from tests.reference import reference_kpis
 

@@ -7,16 +7,17 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
 from processor.kpis import HASH
-from processor.merge import HEAD_KEY, Publication, RouteIndex, bucket_load, bucket_steps, current_kpis, load_head, merge
+from processor.merge import Publication, merge
 from processor.pipeline import LocalRun, process_local, stage_local
 from processor.settings import Settings
 from processor.stage import committed_segments, scan_segment
+from processor.state import HEAD_KEY, current_kpis, load_head
+from processor.steps import bucket_load, bucket_steps
 from processor.store import LocalStore
 from tests.builders import WriteCsv, item, order, product
 from tests.processor.test_invariant import KpiTable
@@ -384,12 +385,3 @@ def test_a_bucket_bigger_than_a_step_is_merged_in_order_ranges_with_the_same_kpi
     daily, category = current_kpis(store)
     assert (daily, category) == (whole.daily, whole.category)
     assert [k.public() for k in daily] == table.kpis()["daily"]
-
-
-def test_order_ranges_follow_where_the_ids_are_not_their_span() -> None:
-    """Two clusters of ids far apart, 1,000 rows each (the row groups' statistics): steps of 500 rows cut each
-    cluster in two and nothing in the empty stretch between them (ranges of equal width would hold everything in
-    the first and the last)."""
-    groups = np.array([[0, 0, 1, 1000, 1000], [0, 0, 10**9, 10**9 + 999, 1000]], dtype=np.int64)
-    ranges = RouteIndex(groups).ranges(0, rows_per_pass=500, pieces=4)
-    assert ranges == [(None, 501), (501, 10**9), (10**9, 10**9 + 500), (10**9 + 500, None)]

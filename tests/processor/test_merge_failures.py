@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from processor.merge import HEAD_KEY, Publication, current_kpis, merge
+from processor.merge import Publication, merge
 from processor.pipeline import stage_local
 from processor.settings import Settings
+from processor.state import HEAD_KEY, current_kpis
 from processor.store import LocalStore
 from tests.builders import WriteCsv, item, order, product
 from tests.processor.test_invariant import KpiTable

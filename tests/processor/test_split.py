@@ -73,9 +73,7 @@ def staged_rows(staging: Path, result: dict[str, Any]) -> list[dict[str, Any]]:
 SAME = ("outcome", "reason", "message", "rows", "valid_rows", "rejected_rows", "rejects_by_reason", "dataset")
 
 
-def assert_same(
-    whole: dict[str, Any], parted: dict[str, Any], whole_staging: Path, parted_staging: Path
-) -> None:
+def assert_same(whole: dict[str, Any], parted: dict[str, Any], whole_staging: Path, parted_staging: Path) -> None:
     assert {k: parted.get(k) for k in SAME} == {k: whole.get(k) for k in SAME}
     assert rejected_rows(parted) == rejected_rows(whole)
     assert staged_rows(parted_staging, parted) == staged_rows(whole_staging, whole)

@@ -40,7 +40,7 @@ def test_a_deploy_bucket_left_half_made_is_private_and_encrypted_after_the_next_
     s3 = boto3.client("s3", region_name="us-east-1")
     s3.create_bucket(Bucket="shop-deploy-123456789012-us-east-1")
     TemplateStore(s3, "Shop", "123456789012", "us-east-1").put("Resources: {}\n")
-    assert s3.get_public_access_block(Bucket="shop-deploy-123456789012-us-east-1")[
-        "PublicAccessBlockConfiguration"
-    ]["RestrictPublicBuckets"]
+    assert s3.get_public_access_block(Bucket="shop-deploy-123456789012-us-east-1")["PublicAccessBlockConfiguration"][
+        "RestrictPublicBuckets"
+    ]
     assert s3.get_bucket_lifecycle_configuration(Bucket="shop-deploy-123456789012-us-east-1")["Rules"]

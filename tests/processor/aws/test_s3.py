@@ -16,10 +16,10 @@ from botocore.stub import Stubber
 
 from processor.aws.s3 import S3Store, is_s3_uri, join_uri, split_uri
 from processor.errors import AwsError, ConfigError, NotFound, ServiceUnavailable, Throttled
-from processor.merge import bucket_load, bucket_steps
 from processor.pipeline import stage_local
 from processor.settings import Settings
 from processor.stage import committed_segments
+from processor.steps import bucket_load, bucket_steps
 from processor.store import LocalStore, S3StagingStore
 from tests.builders import WriteCsv, item, order
 

@@ -1,0 +1,269 @@
+"""Applying one step of a delivery to the state (steps 2 and 3 of :mod:`processor.merge`).
+
+For each step: the latest products, orders and items against their stored versions (:func:`_winners`), the order
+groups they change, those groups' old rows read by key and their new rows built, the aggregates moved by
+``contributions(new) - contributions(old)``, and the changed rows appended to the keyed tables. The (user, date)
+counts wait for the end of the merge (:func:`move_customers`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import polars as pl
+
+from processor import kpis as K
+from processor.keyed import TableFile
+from processor.schema import ORDER_ITEMS, ORDERS, PRODUCTS
+from processor.stage import Segment, scan_segment
+from processor.state import MergeRun, State
+from processor.steps import Step
+
+
+def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset: str) -> pl.DataFrame:
+    rows = {ORDERS.name: K.order_rows, ORDER_ITEMS.name: K.item_rows, PRODUCTS.name: K.product_rows}[dataset]
+    names = {ORDERS.name: ORDERS, ORDER_ITEMS.name: ORDER_ITEMS, PRODUCTS.name: PRODUCTS}[dataset].names
+    frames = []
+    for seg, cut in step:
+        if seg.dataset != dataset:
+            continue
+        lf = scan_segment(state.store, seg)
+        if cut is not None:
+            lf = lf.filter(cut.predicate())
+        fno, ver = numbers[seg.file_id]
+        lf = lf.with_columns(pl.lit(ver, pl.Int64).alias(K.VER), pl.lit(fno, pl.Int32).alias("_fno"))
+        frames.append(rows(lf, names))
+    return pl.concat(frames).collect() if frames else pl.DataFrame()
+
+
+def duplicate_items(
+    state: State, delivery: list[Segment], numbers: dict[str, tuple[int, int]], rows_per_pass: int
+) -> pl.DataFrame | None:
+    """Item ids that more than one file of the delivery holds, with their latest version.
+
+    Steps cut the delivery by order, so two versions of one item under different orders could land in different
+    steps; resolving them here first lets every step look items up in the state as it was before the merge only.
+    Read in passes by id (the id column only), so memory stays bounded on a first load of many part files."""
+    files = [s for s in delivery if s.dataset == ORDER_ITEMS.name]
+    if len(files) < 2:
+        return None
+    scans = [scan_segment(state.store, s).select("id", pl.lit(numbers[s.file_id][1]).alias("best")) for s in files]
+    passes = max(1, -(-sum(s.rows for s in files) // rows_per_pass))
+    found = []
+    for p in range(passes):
+        part = pl.concat(scans)
+        if passes > 1:
+            part = part.filter(pl.col("id") % passes == p)
+        found.append(part.filter(pl.col("id").is_duplicated()).group_by("id").agg(pl.col("best").max()).collect())
+    dups = pl.concat(found)
+    return dups if dups.height else None
+
+
+def _winners(run: MergeRun, new: pl.DataFrame, old: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """New versions that beat the stored ones (or have none), and of those the ones whose values differ.
+
+    For items, both frames also have the old order (``order_id_old``)."""
+    carried = ["order_id"] if key == "id" else []  # an item's old order: the group it may leave
+    if old.is_empty():  # all new (a first load): every row wins and is a change
+        fresh = new.with_columns(pl.lit(None, old.schema[c]).alias(f"{c}_old") for c in carried)
+        return fresh, fresh
+    j = new.join(old.select(key, *carried, K.VER, K.HASH), on=key, how="left", suffix="_old")
+    seen = pl.col(f"{K.VER}_old").is_not_null()
+    run.conflicts += j.filter(seen & (pl.col(K.HASH) != pl.col(f"{K.HASH}_old"))).height
+    wins = j.filter(~seen | (pl.col(K.VER) > pl.col(f"{K.VER}_old")))
+    changed = wins.filter(~seen | (pl.col(K.HASH) != pl.col(f"{K.HASH}_old")))
+    return wins, changed
+
+
+def apply_step(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]]) -> None:
+    """Apply one step of the delivery to the state (step 2 of :mod:`processor.merge`): the latest products, orders
+    and items against the stored ones, the order groups they change recomputed, the changed rows appended."""
+    t = state.tables
+    products_old = state.agg["products"]
+    moved_products = apply_products(state, run, step, numbers)
+
+    affected: list[pl.Series] = []
+    order_wins = K.empty(K.ORDER_STATE)
+    incoming = _incoming(state, run, step, numbers, ORDERS.name, "orders")
+    if incoming is not None:
+        wins, changed = incoming
+        order_wins = wins.select(list(K.ORDER_STATE))
+        affected.append(changed.get_column("order_id"))
+    item_wins, item_changed, tombstones = _item_changes(state, run, step, numbers, affected)
+    if moved_products:
+        affected.append(t["order_items"].scan_column("product_id", moved_products, "order_id"))
+
+    group_ids = pl.concat([s.cast(pl.Int64) for s in affected]).unique() if affected else pl.Series([], dtype=pl.Int64)
+    users = K.empty(K.USERS)
+    if group_ids.len():
+        users = _recompute_groups(state, run, group_ids, order_wins, item_changed, products_old)
+    with run.timed("write"):
+        writes = [
+            (t["orders"].append, order_wins),
+            (t["items"].append, item_wins),
+            (t["order_items"].append, pl.concat([tombstones, item_changed])),
+            # the (user, date) counts wait for the end of the merge (see move_customers)
+            (t["users"].defer, users),
+        ]
+        # The tables' files are independent: one table's sort, Parquet and Bloom filter overlap the others'.
+        with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="keyed-write") as pool:
+            for done in [pool.submit(write, rows, run.scratch) for write, rows in writes]:
+                done.result()
+
+
+def apply_products(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]]) -> list[int]:
+    """Products, a small table kept whole: the step's winning versions replace the stored ones. Returns the ids of
+    the products whose category changed (their orders' groups move between categories)."""
+    raw = _read(state, step, numbers, PRODUCTS.name)
+    if not raw.height:
+        return []
+    products_old = state.agg["products"]
+    new, c = K.latest(raw, "product_id")
+    run.conflicts += c
+    wins, changed = _winners(run, new, products_old, "product_id")
+    old_cat = products_old.select("product_id", pl.col("category").alias("old"))
+    moved = changed.join(old_cat, on="product_id", how="left").filter(pl.col("old").ne_missing(pl.col("category")))
+    state.agg["products"] = pl.concat(
+        [
+            products_old.join(wins.select("product_id"), on="product_id", how="anti"),
+            wins.select(list(K.PRODUCT_STATE)),
+        ]
+    )
+    return moved.get_column("product_id").to_list()
+
+
+def _item_changes(
+    state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]], affected: list[pl.Series]
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """The step's items against the stored ones: the winners (for the item index), those whose values changed, and
+    tombstones for the items that left their order. Appends to ``affected`` the order groups they change: the new
+    order of a changed item, and the old one of a moved item."""
+    incoming = _incoming(state, run, step, numbers, ORDER_ITEMS.name, "items")
+    if incoming is None:
+        return K.empty(K.ITEM_INDEX), K.empty(K.ORDER_ITEMS), K.empty(K.ORDER_ITEMS)
+    wins, changed = incoming
+    moved = changed.filter(pl.col("order_id_old").is_not_null() & (pl.col("order_id_old") != pl.col("order_id")))
+    tombstones = moved.select(
+        pl.col("order_id_old").alias("order_id"),
+        "id",
+        *(pl.lit(None).alias(c) for c in list(K.ORDER_ITEMS)[2:-1]),
+        pl.lit(True).alias("_del"),
+    ).cast(K.ORDER_ITEMS)  # type: ignore[arg-type]
+    affected += [changed.get_column("order_id"), moved.get_column("order_id_old")]
+    return wins.select(list(K.ITEM_INDEX)), changed.select(list(K.ORDER_ITEMS)), tombstones
+
+
+def _recompute_groups(
+    state: State,
+    run: MergeRun,
+    group_ids: pl.Series,
+    order_wins: pl.DataFrame,
+    item_changed: pl.DataFrame,
+    products_old: pl.DataFrame,
+) -> pl.DataFrame:
+    """Read the changed order groups' old rows by key, build their new rows, and move the aggregates by
+    ``contributions(new) - contributions(old)`` (``products_old``: the products before this step). Returns the
+    change of the (user, date) counts, for the caller to write beside the step's other keyed rows."""
+    t = state.tables
+    keys = pl.DataFrame({"order_id": group_ids})
+    # Keyed state empty before this merge (a first load): a group's old rows could only be in this merge's own
+    # files, and those hold other orders (steps never share an order: :class:`Cut`; no item has an old order).
+    before = 0 if state.start["orders"] == state.start["order_items"] == 0 else None
+    with run.timed("lookup"):
+        orders_old = t["orders"].lookup(keys, files=before)
+        items_old = t["order_items"].lookup(keys, files=before)
+    with run.timed("delta"):
+        orders_new = order_wins.join(keys, on="order_id", how="semi")
+        items_new = item_changed
+        if orders_old.height or items_old.height:
+            orders_new = _newest(pl.concat([orders_old, orders_new]), "order_id")
+            items_new = pl.concat([items_old.join(item_changed.select("id"), on="id", how="anti"), item_changed])
+            new_c = K.contributions(orders_new, items_new, state.agg["products"])
+            old_c = K.contributions(orders_old, items_old, products_old)
+            d = K.delta(new_c, old_c)
+        else:  # all new groups: the delta is their contribution (which holds no zero figure)
+            new_c = d = K.contributions(orders_new, items_new, state.agg["products"])
+            old_c = K.nothing()
+    _move_aggregates(state, run, d)
+    run.mismatched += new_c.mismatched.height - old_c.mismatched.height
+    run.groups += group_ids.len()
+    return d.users
+
+
+def _incoming(
+    state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]], dataset: str, table: str
+) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+    """The step's rows of ``dataset``, latest per key, against their stored versions (see :func:`_winners`)."""
+    with run.timed("read"):
+        raw = _read(state, step, numbers, dataset)
+    if not raw.height:
+        return None
+    key = state.tables[table].spec.lookup[0]
+    if dataset == ORDER_ITEMS.name and run.duplicates is not None:
+        # An item id the delivery holds more than once is applied in one step only, at its latest version.
+        raw = (
+            raw.join(run.duplicates, on="id", how="left")
+            .filter(pl.col("best").is_null() | (pl.col(K.VER) == pl.col("best")))
+            .drop("best")
+        )
+    if sum(1 for seg, _ in step if seg.dataset == dataset) > 1:
+        new, conflicts = K.latest(raw, key)
+        run.conflicts += conflicts
+    else:
+        new = raw  # one file: its keys are unique (validation rejects a repeated key)
+    with run.timed("lookup"):
+        # Only the files from before this merge: no other step of it holds these keys (orders: steps never share
+        # an order; items: an id the delivery holds twice was resolved to one step, see above).
+        old = state.tables[table].lookup(new.select(key), files=state.start[table])
+    return _winners(run, new, old, key)
+
+
+def _newest(rows: pl.DataFrame, key: str) -> pl.DataFrame:
+    return rows.sort(K.VER).unique(subset=[key], keep="last", maintain_order=False)
+
+
+def _move_aggregates(state: State, run: MergeRun, d: K.Contribution) -> None:
+    """Add a delta to the aggregates (not the (user, date) counts: :func:`apply_step` defers them, and customers
+    move in :func:`move_customers`, once per merge)."""
+    change = d.daily.with_columns(pl.lit(0, pl.Int64).alias("customers"))
+    state.agg["daily"] = K.add(state.agg["daily"], change, ["order_date"])
+    state.agg["category"] = K.add(state.agg["category"], d.category, ["category", "order_date"])
+    state.agg["pending"] = K.add(state.agg["pending"], d.pending, ["reason", "arrival_us"])
+    run.days.update(change.get_column("order_date").to_list())
+    run.cats.update(d.category.select("category", "order_date").iter_rows())
+    if d.mismatched.height:
+        run.rejects.append(d.mismatched)
+
+
+def move_customers(state: State, run: MergeRun, rows_per_pass: int) -> None:
+    """Customers per date move when a (user, date) count leaves or reaches zero.
+
+    The steps deferred their (user, date) counts; flushing sums them per (user, date) into files of disjoint user
+    ranges, and each is compared with the counts before the merge (a lookup in the files the merge started with).
+    A step never looks up what an earlier step of the same merge wrote: (user, date) pairs recur across the steps
+    of a big delivery, and that would read every earlier file at every step."""
+    with run.timed("write"):
+        mine = state.tables["users"].flush(run.scratch, rows_per_pass)
+    count_customers(state, run, mine)
+
+
+def count_customers(state: State, run: MergeRun, mine: list[TableFile]) -> None:
+    """Move the daily customer counts by the (user, date) counts of ``mine`` (this merge's files of the users
+    table, of disjoint user ranges), compared with the counts in the files the merge started with."""
+    users = state.tables["users"]
+    moved: list[pl.DataFrame] = []
+    for f in mine:
+        dn = pl.read_parquet(state.store.local_path(f.key), glob=False)
+        with run.timed("lookup"):
+            was = users.lookup(dn.select("user_id", "order_date"), files=state.start["users"]).rename({"n": "old"})
+        j = dn.join(was, on=["user_id", "order_date"], how="left").with_columns(pl.col("old").fill_null(0))
+        flips = ((pl.col("old") + pl.col("n")) > 0).cast(pl.Int64) - (pl.col("old") > 0).cast(pl.Int64)
+        moved.append(j.group_by("order_date").agg(flips.sum().alias("customers")))
+    if not moved:
+        return
+    customers = pl.concat(moved).group_by("order_date").agg(pl.col("customers").sum()).filter(pl.col("customers") != 0)
+    change = customers.with_columns(
+        pl.lit(0, pl.Int64).alias(c) for c in ("orders", "returned_orders", "items", "revenue")
+    )
+    state.agg["daily"] = K.add(state.agg["daily"], change, ["order_date"])
+    run.days.update(customers.get_column("order_date").to_list())
