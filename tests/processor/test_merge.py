@@ -335,6 +335,25 @@ def test_keyed_state_is_delta_encoded_uncompressed_and_read_back_by_the_next_mer
                 assert "DELTA_BINARY_PACKED" in col.encodings, (path.name, col.path_in_schema)
 
 
+def test_state_written_with_the_former_encoding_is_read_as_it_is(
+    write_csv: WriteCsv, tmp_path: Path, settings: Settings
+) -> None:
+    # A staging area from before processor/parquet.py (plain values, LZ4) keeps working: no migration.
+    staging = tmp_path / "staging"
+    run(one_order(write_csv), staging, settings)
+    for path in (staging / "state").rglob("*.parquet"):
+        pl.read_parquet(path).write_parquet(path, compression="lz4", row_group_size=8192)
+    later = run(
+        [
+            write_csv("orders.csv", [order(11, 100, "2025-03-02T08:00:00")], folder="d2"),
+            write_csv("order_items.csv", [item(1, 11, 100, 1, "4.00")], folder="d2"),
+        ],
+        staging,
+        settings,
+    )
+    assert [(k.order_date, k.total_items_sold) for k in later.daily] == [("2025-03-01", 0), ("2025-03-02", 1)]
+
+
 def test_file_names_with_glob_characters_merge_like_any_other(
     write_csv: WriteCsv, tmp_path: Path, settings: Settings
 ) -> None:
