@@ -340,19 +340,23 @@ def _arrow_schema(dataset: Dataset) -> pa.Schema:
 class _SegmentSink:
     """Writes valid chunks to the segment on a background thread, overlapping I/O with the next chunk's checks.
 
-    At most one chunk waits to be written (bounded memory). Each chunk is sorted by bucket and written as row groups
-    that start and end on bucket boundaries (:func:`bucket_row_groups`): a merge step reads some buckets, and the
-    rows of other buckets in its row groups are decompressed and decoded for nothing (with groups of an eighth of a
-    chunk cut anywhere, a first load's steps decoded each staged file about five times over; docs/performance.md).
+    At most one chunk waits to be written, and at most :attr:`CHUNKS_PER_WRITE` are held for one write (bounded
+    memory). A write sorts its chunks by bucket and writes them as row groups that start and end on bucket boundaries
+    (:func:`bucket_row_groups`): a merge step reads some buckets, and the rows of other buckets in its row groups are
+    decoded for nothing (with groups of an eighth of a chunk cut anywhere, a first load's steps decoded each staged
+    file about five times over; docs/performance.md).
 
     Keys go to the spill only once the file leaves the usual export order: while each chunk's keys ascend above the
     previous chunk's, no key can repeat across chunks, so nothing is spilled; if a later chunk breaks that order,
     the keys of the chunks before it are read back from the finished segment (:meth:`duplicate_lines`).
     """
 
-    #: Most row groups per chunk. Fewer, bigger groups keep the footer small (every merge step reads it again);
+    #: Most row groups per write. Fewer, bigger groups keep the footer small (every merge step reads it again);
     #: more keep a step from decoding other buckets' rows. 16 for 32 buckets: two buckets a group.
-    GROUPS_PER_CHUNK = 16
+    GROUPS_PER_WRITE = 16
+    #: Chunks written together: their rows of a bucket share row groups, so a file has a quarter of the row groups
+    #: (and of the footer) that a write per chunk gives, for the same share of other buckets' rows in a group.
+    CHUNKS_PER_WRITE = 4
 
     def __init__(self, path: Path, schema: pa.Schema, dataset: Dataset, buckets: int, spill_dir: Path) -> None:
         self.schema = schema
@@ -366,7 +370,9 @@ class _SegmentSink:
         self._path = path
         self._ordered = True  # every chunk so far ascends above the previous one
         self._fence = 0  # the highest key so far, while ordered
-        self._unspilled = 0  # the leading rows of the segment (the ordered chunks) whose keys are not in the spill
+        self._unspilled = 0  # the rows of the ordered leading chunks, whose keys are not in the spill
+        self._unspilled_lines = 0  # ... which are the segment's rows of lines up to this one
+        self._held: list[tuple[pa.Table, np.ndarray]] = []  # chunks sorted by bucket, their rows per bucket
 
     def submit(self, valid: pl.DataFrame) -> None:
         self._wait()
@@ -379,18 +385,34 @@ class _SegmentSink:
         # line order) at a fraction of the cost of a general sort of the frame.
         bucket = table.get_column(BUCKET).to_numpy().astype(np.uint16)
         table = table[np.argsort(bucket, kind="stable")]
-        counts = np.bincount(bucket)
+        counts = np.bincount(bucket, minlength=self.buckets)
         self.bucket_rows.update({int(b): int(counts[b]) for b in np.flatnonzero(counts)})
-        arrow = table.to_arrow().cast(self.schema)
-        start = 0
-        for rows in bucket_row_groups(counts, self.GROUPS_PER_CHUNK):
-            self.writer.write_table(arrow.slice(start, rows), row_group_size=rows)
-            start += rows
+        self._held.append((table.to_arrow().cast(self.schema), counts))
+        if len(self._held) >= self.CHUNKS_PER_WRITE:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        """Write the held chunks as row groups of whole buckets: a group takes each chunk's rows of its buckets (a
+        slice, each chunk being sorted by bucket), so no chunk is copied again."""
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        offsets = [np.concatenate([[0], np.cumsum(counts)]) for _, counts in held]
+        total: np.ndarray = np.sum([counts for _, counts in held], axis=0)
+        reach = np.cumsum(total)  # rows up to and including each bucket
+        first = written = 0
+        for rows in bucket_row_groups(total, self.GROUPS_PER_WRITE):
+            written += rows
+            last = int(np.searchsorted(reach, written))  # the group's last bucket
+            parts = [t.slice(o[first], o[last + 1] - o[first]) for (t, _), o in zip(held, offsets, strict=True)]
+            self.writer.write_table(pa.concat_tables(parts), row_group_size=rows)
+            first = last + 1
 
     def _note_keys(self, keys: np.ndarray, lines: np.ndarray) -> None:
         if self._ordered and (self._unspilled == 0 or keys[0] > self._fence) and bool((keys[1:] > keys[:-1]).all()):
             self._fence = int(keys[-1])
             self._unspilled += keys.size
+            self._unspilled_lines = int(lines[-1])
             return
         self._ordered = False
         self.spill.add(keys, lines)
@@ -398,12 +420,16 @@ class _SegmentSink:
     def duplicate_lines(self) -> np.ndarray:
         """Lines whose key repeats an earlier line of the file, ascending (after :meth:`close`)."""
         if not self._ordered and self._unspilled:
+            # Chunks written together share row groups (sorted by bucket), so the ordered chunks' rows are found by
+            # their lines (chunks number their lines upwards), not by their place in the file.
             source = pq.ParquetFile(self._path)
             left = self._unspilled
             for batch in source.iter_batches(columns=[self.dataset.key, LINE], batch_size=1 << 20):
-                take = batch.slice(0, left)
-                self.spill.add(take.column(0).to_numpy(), take.column(1).to_numpy())
-                left -= take.num_rows
+                lines = batch.column(1).to_numpy()
+                mine = lines <= self._unspilled_lines
+                if mine.any():
+                    self.spill.add(batch.column(0).to_numpy()[mine], lines[mine])
+                    left -= int(mine.sum())
                 if not left:
                     break
             source.close()
@@ -417,6 +443,7 @@ class _SegmentSink:
     def close(self) -> None:
         try:
             self._wait()
+            self._write_held()
         finally:
             self._pool.shutdown()
             self.writer.close()
