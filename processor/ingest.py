@@ -2,8 +2,9 @@
 
 The file is never held in memory: :mod:`processor.reader` cuts the byte stream into chunks of about
 ``settings.chunk_mb`` megabytes of whole records; each chunk is validated (:func:`processor.validate.check_chunk`)
-and its valid rows are appended to one Parquet *segment*, sorted by bucket within each chunk, so a later merge reads
-some buckets by row-group pruning. Rejected rows are appended to a CSV beside it with their line, reason and column.
+and its valid rows are appended to one Parquet *segment* in row groups of whole buckets (a few chunks written
+together), so a later merge reads some buckets by row-group pruning. Rejected rows are appended to a CSV beside it
+with their line, reason and column.
 
 The one rule that spans chunks, duplicate primary keys within the file, is exact without holding every key in
 memory: repeats within a chunk are rejected at once, and the chunks' distinct keys go to a
@@ -340,8 +341,9 @@ def _arrow_schema(dataset: Dataset) -> pa.Schema:
 class _SegmentSink:
     """Writes valid chunks to the segment on a background thread, overlapping I/O with the next chunk's checks.
 
-    At most one chunk waits to be written, and at most :attr:`CHUNKS_PER_WRITE` are held for one write (bounded
-    memory). A write sorts its chunks by bucket and writes them as row groups that start and end on bucket boundaries
+    At most one chunk waits to be written, and at most :attr:`CHUNKS_PER_WRITE` are held for one write, as typed
+    columns (about 40 MB of a file's memory at the default 8 MB chunks). Each chunk is sorted by bucket as it comes,
+    and a write puts the held chunks' rows in row groups that start and end on bucket boundaries
     (:func:`bucket_row_groups`): a merge step reads some buckets, and the rows of other buckets in its row groups are
     decoded for nothing (with groups of an eighth of a chunk cut anywhere, a first load's steps decoded each staged
     file about five times over; docs/performance.md).
@@ -476,8 +478,8 @@ def _drop_lines(segment: Path, lines: np.ndarray, schema: pa.Schema, removed: Ca
             group = pl.from_arrow(source.read_row_group(i))
             assert isinstance(group, pl.DataFrame)
             own = group.get_column(LINE)
-            # A group holds lines of one chunk: only the duplicates in its line range are looked up (``lines`` is
-            # sorted), so the work stays proportional to the rows, not groups times duplicates.
+            # A group holds lines of a few chunks written together: only the duplicates in its line range are
+            # looked up (``lines`` is sorted), so the work stays proportional to the rows, not groups times duplicates.
             lo = int(np.searchsorted(lines, int(cast(int, own.min())), side="left"))
             hi = int(np.searchsorted(lines, int(cast(int, own.max())), side="right"))
             hit = own.is_in(pl.Series(lines[lo:hi]).implode()) if hi > lo else None

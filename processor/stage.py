@@ -2,14 +2,14 @@
 
 Layout under the staging root (a local directory or ``s3://<bucket>/staging/``)::
 
-    segments/<dataset>/<file_id>.parquet    typed valid rows of one file, sorted by bucket within each chunk
+    segments/<dataset>/<file_id>.parquet    typed valid rows of one file, in row groups of whole buckets
                                             (deleted by the merge that applies it: its rows then live in the state)
     segments/<dataset>/<file_id>/part-<k>.parquet (and part-<k>.dropped.parquet)
                                             or, for a file validated in parts, each part's staged rows as the part
                                             wrote them: the pieces of the file's segment (see :class:`Piece`)
     manifest/<file_id>.json                 the commit record of that segment (written last: its commit point; kept)
     state/head.json                         the merge's commit point: names the files of its keyed tables and
-                                            aggregates (see processor.merge)
+                                            aggregates (see processor.state)
     state/g=<generation>/                   the files one merge wrote: keyed tables (sorted Parquet runs, see
                                             processor.keyed) and aggregates
 

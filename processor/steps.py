@@ -110,7 +110,7 @@ class RouteIndex:
 
     Why: a step is at least one bucket, and with the bucket count fixed at the first load a bucket grows with the
     data, and a step's memory with it (at 5 GB of CSV a bucket of 32 held 1.8 M staged rows, and the merge peaked
-    above 1 GiB). The staged files' row groups each hold a bucket or two of one chunk, and their statistics say
+    above 1 GiB). The staged files' row groups each hold a bucket or two of a few chunks, and their statistics say
     which order ids and how many rows; read once per merge from the files' footers, they give cuts of about
     ``rows_per_pass`` rows each however the ids are spread (:func:`_quantiles`). Files staged before those
     statistics were kept give only the span of the ids: ranges of equal width (ids are usually dense; skewed ones

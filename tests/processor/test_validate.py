@@ -276,8 +276,8 @@ def test_staged_row_groups_each_hold_one_bucket_so_a_merge_step_decodes_only_its
     out = run(path, ORDERS, tmp_path, chunk_bytes=20_000)  # several chunks, each sorted by bucket
     source = pq.ParquetFile(out.segment)
     # About 7 chunks, written 4 at a time: a bucket's rows of the chunks written together share a row group, so
-    # two writes of 4 buckets (not one group per bucket of each chunk, 28).
-    assert source.metadata.num_row_groups == 8
+    # at most two writes of 4 buckets (one group per bucket of each chunk would give 28).
+    assert 4 < source.metadata.num_row_groups <= 8
     for g in range(source.metadata.num_row_groups):
         buckets = source.read_row_group(g, columns=[BUCKET]).column(0).to_numpy()
         assert buckets.min() == buckets.max(), f"row group {g} mixes buckets {sorted(set(buckets.tolist()))}"
