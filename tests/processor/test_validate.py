@@ -311,6 +311,13 @@ def test_staged_numbers_are_delta_encoded_uncompressed_and_read_back_exactly(tmp
     assert staged.get_column("created_at").dt.second().head(3).to_list() == [1, 2, 3]
 
 
+def test_row_groups_of_buckets_a_few_rows_apart_hold_two_buckets_each() -> None:
+    # 32 buckets of 2,900-3,100 rows in 16 groups: a step reading one bucket decodes one other, never two.
+    counts = np.random.default_rng(0).integers(2900, 3100, size=32)
+    ends = np.cumsum(bucket_row_groups(counts, 16))
+    assert np.searchsorted(np.cumsum(counts), ends).tolist() == list(range(1, 32, 2))
+
+
 @given(st.lists(st.integers(0, 500), min_size=1, max_size=80), st.integers(1, 70))
 def test_row_groups_end_on_bucket_boundaries_and_stay_few(counts: list[int], max_groups: int) -> None:
     arr = np.array(counts, dtype=np.int64)
