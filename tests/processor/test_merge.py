@@ -305,13 +305,9 @@ def test_merge_applies_only_the_delivery_and_compacts_as_it_grows(
     assert {f for f in files if f.endswith(".parquet") and "/orders-" in f} <= named
 
 
-def test_keyed_state_is_delta_encoded_uncompressed_and_read_back_by_the_next_merge(
-    write_csv: WriteCsv, tmp_path: Path, settings: Settings
-) -> None:
-    staging = tmp_path / "staging"
-    run(one_order(write_csv), staging, settings)
-    # The next delivery moves the item to a new order of another day: the merge must read the old item and order
-    # back from the state files to take them out of 2025-03-01.
+def move_the_item_to_an_order_of_the_next_day(write_csv: WriteCsv, staging: Path, settings: Settings) -> None:
+    """After :func:`one_order`: its item arrives again under a new order of 2025-03-02. The merge must read the old
+    item and order back from the state files to take them out of 2025-03-01."""
     later = run(
         [
             write_csv("orders.csv", [order(11, 100, "2025-03-02T08:00:00")], folder="d2"),
@@ -321,6 +317,14 @@ def test_keyed_state_is_delta_encoded_uncompressed_and_read_back_by_the_next_mer
         settings,
     )
     assert [(k.order_date, k.total_items_sold) for k in later.daily] == [("2025-03-01", 0), ("2025-03-02", 1)]
+
+
+def test_keyed_state_is_delta_encoded_uncompressed_and_read_back_by_the_next_merge(
+    write_csv: WriteCsv, tmp_path: Path, settings: Settings
+) -> None:
+    staging = tmp_path / "staging"
+    run(one_order(write_csv), staging, settings)
+    move_the_item_to_an_order_of_the_next_day(write_csv, staging, settings)
     files = [p for p in (staging / "state").rglob("*.parquet") if p.name.split("-")[0] in ("orders", "order_items")]
     assert files
     for path in files:
@@ -343,15 +347,7 @@ def test_state_written_with_the_former_encoding_is_read_as_it_is(
     run(one_order(write_csv), staging, settings)
     for path in (staging / "state").rglob("*.parquet"):
         pl.read_parquet(path).write_parquet(path, compression="lz4", row_group_size=8192)
-    later = run(
-        [
-            write_csv("orders.csv", [order(11, 100, "2025-03-02T08:00:00")], folder="d2"),
-            write_csv("order_items.csv", [item(1, 11, 100, 1, "4.00")], folder="d2"),
-        ],
-        staging,
-        settings,
-    )
-    assert [(k.order_date, k.total_items_sold) for k in later.daily] == [("2025-03-01", 0), ("2025-03-02", 1)]
+    move_the_item_to_an_order_of_the_next_day(write_csv, staging, settings)
 
 
 def test_file_names_with_glob_characters_merge_like_any_other(
