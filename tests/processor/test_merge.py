@@ -350,6 +350,41 @@ def test_state_written_with_the_former_encoding_is_read_as_it_is(
     move_the_item_to_an_order_of_the_next_day(write_csv, staging, settings)
 
 
+def test_a_customer_whose_counts_fill_several_row_groups_moves_between_dates_exactly(
+    write_csv: WriteCsv, tmp_path: Path, settings: Settings
+) -> None:
+    """One customer ordered on 9,000 distinct days: the customer's (user, date) counts fill two row groups of one
+    keyed file (8,192 rows each), sorted by user only. A later delivery moves three of those orders to days the
+    customer had none: each lookup must find its (user, date) count wherever it sits among them."""
+    start = datetime(2000, 1, 1, 8, tzinfo=UTC)
+    days = [(start + timedelta(days=d)).strftime("%Y-%m-%dT%H:%M:%S") for d in range(9000)]
+    staging = tmp_path / "staging"
+    first = run(
+        [
+            write_csv("products.csv", [product(1, "Books")]),
+            write_csv("orders.csv", [order(i + 1, 7, day) for i, day in enumerate(days)]),
+            write_csv("order_items.csv", [item(i + 1, i + 1, 7, 1, "1.00") for i in range(9000)]),
+        ],
+        staging,
+        settings,
+    )
+    assert len(first.daily) == 9000 and all(k.unique_customers == 1 for k in first.daily)
+    users = [p for p in (staging / "state").rglob("users-*.parquet")]
+    assert [pq.ParquetFile(p).metadata.num_row_groups for p in users] == [2]
+    moved = {1: "2030-01-01", 4500: "2030-01-02", 9000: "2030-01-03"}
+    later = run(
+        [write_csv("orders.csv", [order(o, 7, f"{day}T08:00:00") for o, day in moved.items()], folder="d2")],
+        staging,
+        settings,
+    )
+    left = {days[o - 1][:10] for o in moved}
+    assert sorted(later.merge.dates) == sorted([*left, *moved.values()])
+    by_date = {k.order_date: (k.total_orders, k.unique_customers) for k in later.daily}
+    assert [by_date.get(d, (0, 0)) for d in sorted(left)] == [(0, 0)] * 3
+    assert [by_date[d] for d in moved.values()] == [(1, 1)] * 3
+    assert sum(n for n, _ in by_date.values()) == sum(c for _, c in by_date.values()) == 9000
+
+
 def test_file_names_with_glob_characters_merge_like_any_other(
     write_csv: WriteCsv, tmp_path: Path, settings: Settings
 ) -> None:
