@@ -8,6 +8,7 @@ counts wait for the end of the merge (:func:`move_customers`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import polars as pl
@@ -91,24 +92,55 @@ def apply_step(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple
         affected.append(changed.get_column("order_id"))
     item_wins, item_changed, tombstones = _item_changes(state, run, step, numbers, affected)
     if moved_products:
+        drain(run)  # every order of the moved products, those of this merge's earlier steps included
         affected.append(t["order_items"].scan_column("product_id", moved_products, "order_id"))
 
     group_ids = pl.concat([s.cast(pl.Int64) for s in affected]).unique() if affected else pl.Series([], dtype=pl.Int64)
     users = K.empty(K.USERS)
     if group_ids.len():
         users = _recompute_groups(state, run, group_ids, order_wins, item_changed, products_old)
+    writes = [
+        (t["orders"].append, order_wins),
+        (t["items"].append, item_wins),
+        (t["order_items"].append, pl.concat([tombstones, item_changed])),
+        # the (user, date) counts wait for the end of the merge (see move_customers)
+        (t["users"].defer, users),
+    ]
     with run.timed("write"):
-        writes = [
-            (t["orders"].append, order_wins),
-            (t["items"].append, item_wins),
-            (t["order_items"].append, pl.concat([tombstones, item_changed])),
-            # the (user, date) counts wait for the end of the merge (see move_customers)
-            (t["users"].defer, users),
-        ]
-        # The tables' files are independent: one table's sort, Parquet and Bloom filter overlap the others'.
-        with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="keyed-write") as pool:
-            for done in [pool.submit(write, rows, run.scratch) for write, rows in writes]:
-                done.result()
+        drain(run)  # the previous step's files: one step's writes in flight at a time, so memory stays bounded
+        # The tables' files are independent: one table's sort, Parquet and Bloom filter overlap the others'; and
+        # with a writer (see apply_steps) they also overlap the next step's reads and joins.
+        if run.writer is None:
+            with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="keyed-write") as pool:
+                for done in [pool.submit(write, rows, run.scratch) for write, rows in writes]:
+                    done.result()
+        else:
+            run.writing = [run.writer.submit(write, rows, run.scratch) for write, rows in writes]
+
+
+def apply_steps(state: State, run: MergeRun, steps: Iterable[Step], numbers: dict[str, tuple[int, int]]) -> None:
+    """Apply the steps in order, each step's keyed files written while the next step is read and joined.
+
+    The writes take about as long as the rest of a step, and each alone leaves one of the two cores idle part of
+    the time. Overlapping them is exact: a step's lookups read only the files from before the merge, or (a later
+    delivery, :func:`_recompute_groups`) wait for the writes first; all other state a step changes (the
+    aggregates, the products) is changed by this thread only."""
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="keyed-write") as pool:
+        run.writer = pool
+        try:
+            for step in steps:
+                apply_step(state, run, step, numbers)
+            with run.timed("write"):
+                drain(run)
+        finally:
+            run.writer = None
+
+
+def drain(run: MergeRun) -> None:
+    """Wait for the keyed files being written (raising what a write raised)."""
+    writing, run.writing = run.writing, []
+    for done in writing:
+        done.result()
 
 
 def apply_products(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int, int]]) -> list[int]:
@@ -169,6 +201,8 @@ def _recompute_groups(
     # Keyed state empty before this merge (a first load): a group's old rows could only be in this merge's own
     # files, and those hold other orders (steps never share an order: :class:`Cut`; no item has an old order).
     before = 0 if state.start["orders"] == state.start["order_items"] == 0 else None
+    if before is None:  # an item's old order may be one an earlier step of this merge wrote
+        drain(run)
     with run.timed("lookup"):
         orders_old = t["orders"].lookup(keys, files=before)
         items_old = t["order_items"].lookup(keys, files=before)

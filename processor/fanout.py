@@ -37,7 +37,7 @@ import msgspec
 import polars as pl
 
 from processor import kpis as K
-from processor.apply import apply_products, apply_step, count_customers, duplicate_items
+from processor.apply import apply_products, apply_steps, count_customers, duplicate_items
 from processor.errors import StalePlan
 from processor.keyed import Run
 from processor.log import context, get_logger
@@ -194,8 +194,7 @@ def run_part(
     big = [s for s in the_plan.delivery if s.dataset != PRODUCTS.name]
     mine = set(the_plan.parts[index])
     load = {b: n for b, n in bucket_load(big).items() if b in mine}
-    for step in bucket_steps(store, big, load, the_plan.rows_per_pass):
-        apply_step(state, run, step, the_plan.numbers)
+    apply_steps(state, run, bucket_steps(store, big, load, the_plan.rows_per_pass), the_plan.numbers)
     users = state.tables["users"].flush(scratch, the_plan.rows_per_pass)
     prefix = f"{the_plan.prefix}/p{index}"
     result = PartResult(

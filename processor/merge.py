@@ -38,7 +38,7 @@ import msgspec
 import polars as pl
 
 from processor import kpis as K
-from processor.apply import apply_step, duplicate_items, move_customers
+from processor.apply import apply_steps, duplicate_items, move_customers
 from processor.log import get_logger
 from processor.model import CategoryKpi, MergeResult, OrderKpi
 from processor.settings import Settings
@@ -138,8 +138,7 @@ def _apply_delivery(state: State, run: MergeRun, delivery: list[Segment], rows_p
     steps = delivery_steps(state.store, delivery, rows_per_pass)
     with run.timed("read"):
         run.duplicates = duplicate_items(state, delivery, numbers, rows_per_pass)
-    for step in steps:
-        apply_step(state, run, step, numbers)
+    apply_steps(state, run, steps, numbers)
     move_customers(state, run, rows_per_pass)
     with run.timed("compact"):
         for table in state.tables.values():

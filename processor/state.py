@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
@@ -108,6 +109,8 @@ class MergeRun:
     rejects: list[pl.DataFrame] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     duplicates: pl.DataFrame | None = None  # item ids the delivery holds more than once -> latest version
+    writer: ThreadPoolExecutor | None = None  # writes keyed files behind the steps (processor.apply.apply_steps)
+    writing: list[Future[None]] = field(default_factory=list)  # the writes of the last step, while in flight
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:

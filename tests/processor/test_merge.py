@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -11,6 +12,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from processor.keyed import KeyedTable, TableFile
 from processor.kpis import HASH
 from processor.merge import Publication, merge
 from processor.pipeline import LocalRun, process_local, stage_local
@@ -19,7 +21,7 @@ from processor.stage import committed_segments, scan_segment
 from processor.state import HEAD_KEY, current_kpis, load_head
 from processor.steps import bucket_load, bucket_steps
 from processor.store import LocalStore
-from tests.builders import WriteCsv, item, order, product
+from tests.builders import WriteCsv, day_kpi, item, order, product
 from tests.processor.test_invariant import KpiTable
 
 
@@ -383,6 +385,49 @@ def test_a_customer_whose_counts_fill_several_row_groups_moves_between_dates_exa
     assert [by_date.get(d, (0, 0)) for d in sorted(left)] == [(0, 0)] * 3
     assert [by_date[d] for d in moved.values()] == [(1, 1)] * 3
     assert sum(n for n, _ in by_date.values()) == sum(c for _, c in by_date.values()) == 9000
+
+
+def test_items_swapping_orders_are_exact_while_the_keyed_writes_lag_behind_the_steps(
+    write_csv: WriteCsv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orders 10 and 11 both move to new dates and swap an item: each is merged in its own step, and the step that
+    takes an item out of the other order must read that order as the previous step left it, even though a step's
+    files are written while the next step runs. Slow writes make the overlap certain."""
+    write = KeyedTable._write
+
+    def slow_write(self: KeyedTable, rows: pl.DataFrame, scratch: Path) -> TableFile:
+        time.sleep(0.2)
+        return write(self, rows, scratch)
+
+    monkeypatch.setattr(KeyedTable, "_write", slow_write)
+    settings = Settings.load(env={}, buckets=4, work_dir=tmp_path / "work", merge_rows=2)
+    staging = tmp_path / "staging"
+    run(
+        [
+            write_csv("products.csv", [product(1, "Books")]),
+            write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00"), order(11, 100, "2025-03-02T08:00:00")]),
+            write_csv(
+                "order_items.csv", [item(i, 10 + (i + 1) % 2, 100, 1, f"{2 ** (i - 1)}.00") for i in range(1, 5)]
+            ),
+        ],
+        staging,
+        settings,
+    )
+    later = run(
+        [
+            write_csv(
+                "orders.csv", [order(10, 100, "2025-03-05T08:00:00"), order(11, 100, "2025-03-06T08:00:00")], "d2"
+            ),
+            write_csv("order_items.csv", [item(1, 11, 100, 1, "1.00"), item(2, 10, 100, 1, "2.00")], "d2"),
+        ],
+        staging,
+        settings,
+    )
+    assert later.merge.dates == ["2025-03-01", "2025-03-02", "2025-03-05", "2025-03-06"]
+    assert [k for k in later.daily if k.total_orders] == [
+        day_kpi("2025-03-05", 1, 0, 2, 600, 1),  # order 10: items 3 and 2
+        day_kpi("2025-03-06", 1, 0, 2, 900, 1),  # order 11: items 4 and 1
+    ]
 
 
 def test_file_names_with_glob_characters_merge_like_any_other(
