@@ -33,6 +33,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from processor.pairs import group_by_pair
 from processor.parquet import write_options
 from processor.store import LocalStore, Store
 
@@ -258,12 +259,16 @@ class KeyedTable:
     def _resolve(self, found: list[pl.DataFrame]) -> pl.DataFrame:
         if not found:
             return self.empty()
-        return self._resolve_lazy(pl.concat(found, how="vertical_relaxed").lazy()).collect()
+        return self._resolve_rows(pl.concat(found, how="vertical_relaxed"))
 
-    def _resolve_lazy(self, rows: pl.LazyFrame, *, keep_deleted: bool = False) -> pl.LazyFrame:
+    def _resolve_rows(self, rows: pl.DataFrame, *, keep_deleted: bool = False) -> pl.DataFrame:
         key = list(self.spec.full_key)
         if self.spec.additive:
-            out = rows.group_by(key).agg(pl.col(WEIGHT).sum())
+            weight = [pl.col(WEIGHT).sum()]
+            if len(key) == 2 and rows.schema[key[1]] == pl.Date:  # the (user, date) counts: one packed key
+                out = group_by_pair(rows, key[0], key[1], weight)
+            else:
+                out = rows.group_by(key).agg(*weight)
             out = out if keep_deleted else out.filter(pl.col(WEIGHT) != 0)
         else:
             out = rows.sort("_age", descending=True).unique(subset=key, keep="first", maintain_order=False)
@@ -403,8 +408,7 @@ class KeyedTable:
                         parts.append(part.with_columns(pl.lit(age, pl.Int32).alias("_age")))
                 if not parts:
                     continue
-                merged = self._resolve_lazy(pl.concat(parts, how="vertical_relaxed").lazy(), keep_deleted=not bottom)
-                frame = merged.collect()
+                frame = self._resolve_rows(pl.concat(parts, how="vertical_relaxed"), keep_deleted=not bottom)
                 if not frame.height:
                     continue
                 if writing is not None:

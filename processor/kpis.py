@@ -20,6 +20,7 @@ from datetime import date
 import polars as pl
 
 from processor.model import CategoryKpi, OrderKpi
+from processor.pairs import group_by_pair
 
 #: Arrival version of a row: arrival time in microseconds shifted left 10 bits, plus 10 bits of a digest of the
 #: file, so versions are totally ordered (the later arrival wins) and files landing in the same microsecond tie
@@ -170,16 +171,20 @@ def contributions(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFr
     daily_orders = o.group_by("order_date").agg(
         pl.len().cast(pl.Int64).alias("orders"), pl.col("o_ret").sum().cast(pl.Int64).alias("returned_orders")
     )
-    users = o.group_by("user_id", "order_date").agg(pl.len().cast(pl.Int64).alias("n"))
+    users = group_by_pair(o, "user_id", "order_date", [pl.len().cast(pl.Int64).alias("n")])
+    # Items carry their category's number in the sorted list of categories, not its name: a join copies an
+    # integer per item instead of a string, and (number, date) groups by one packed key (processor.pairs).
+    names = products.select(pl.col("category").unique().sort()).with_row_index("cat")
+    codes = products.join(names, on="category").select("product_id", pl.col("cat").cast(pl.Int64))
     it = items.join(
         o.select("order_id", pl.col("user_id").alias("order_user_id"), "order_date"), on="order_id", how="left"
-    ).join(products.select("product_id", "category"), on="product_id", how="left")
+    ).join(codes, on="product_id", how="left")
     state = (
         pl.when(pl.col("order_user_id").is_null())
         .then(pl.lit("order"))
         .when(pl.col("user_id") != pl.col("order_user_id"))
         .then(pl.lit("mismatch"))
-        .when(pl.col("category").is_null())
+        .when(pl.col("cat").is_null())
         .then(pl.lit("product"))
     )
     it = it.with_columns(state.alias("reason"))
@@ -192,12 +197,17 @@ def contributions(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFr
     )
     # Distinct orders per (category, date) with n_unique inside the group: a group-by on (category, date, order)
     # first gives the same counts several times slower.
-    category = counted.group_by("category", "order_date").agg(
-        pl.col("order_id").n_unique().cast(pl.Int64).alias("orders"),
-        pl.col("order_id").filter(pl.col("i_ret")).n_unique().cast(pl.Int64).alias("returned_orders"),
-        pl.len().cast(pl.Int64).alias("items"),
-        pl.col("cents").sum().cast(pl.Int64).alias("revenue"),
-    )
+    category = group_by_pair(
+        counted,
+        "cat",
+        "order_date",
+        [
+            pl.col("order_id").n_unique().cast(pl.Int64).alias("orders"),
+            pl.col("order_id").filter(pl.col("i_ret")).n_unique().cast(pl.Int64).alias("returned_orders"),
+            pl.len().cast(pl.Int64).alias("items"),
+            pl.col("cents").sum().cast(pl.Int64).alias("revenue"),
+        ],
+    ).join(names.with_columns(pl.col("cat").cast(pl.Int64)), on="cat")
     pending = (
         it.filter(pl.col("reason").is_in(["order", "product"]))
         .group_by("reason", (pl.col(VER) // (1 << TIE_BITS)).alias("arrival_us"))
