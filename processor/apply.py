@@ -92,7 +92,8 @@ def apply_step(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple
         affected.append(changed.get_column("order_id"))
     item_wins, item_changed, tombstones = _item_changes(state, run, step, numbers, affected)
     if moved_products:
-        drain(run)  # every order of the moved products, those of this merge's earlier steps included
+        with run.timed("write"):
+            drain(run)  # every order of the moved products, those of this merge's earlier steps included
         affected.append(t["order_items"].scan_column("product_id", moved_products, "order_id"))
 
     group_ids = pl.concat([s.cast(pl.Int64) for s in affected]).unique() if affected else pl.Series([], dtype=pl.Int64)
@@ -202,7 +203,8 @@ def _recompute_groups(
     # files, and those hold other orders (steps never share an order: :class:`Cut`; no item has an old order).
     before = 0 if state.start["orders"] == state.start["order_items"] == 0 else None
     if before is None:  # an item's old order may be one an earlier step of this merge wrote
-        drain(run)
+        with run.timed("write"):
+            drain(run)
     with run.timed("lookup"):
         orders_old = t["orders"].lookup(keys, files=before)
         items_old = t["order_items"].lookup(keys, files=before)
