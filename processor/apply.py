@@ -15,10 +15,13 @@ import polars as pl
 
 from processor import kpis as K
 from processor.keyed import TableFile
+from processor.log import get_logger
 from processor.schema import ORDER_ITEMS, ORDERS, PRODUCTS
 from processor.stage import Segment, scan_segment
 from processor.state import MergeRun, State
 from processor.steps import Step
+
+log = get_logger("merge")
 
 
 def _read(state: State, step: Step, numbers: dict[str, tuple[int, int]], dataset: str) -> pl.DataFrame:
@@ -133,6 +136,13 @@ def apply_steps(state: State, run: MergeRun, steps: Iterable[Step], numbers: dic
                 apply_step(state, run, step, numbers)
             with run.timed("write"):
                 drain(run)
+        except BaseException:
+            # The step's own error is the one raised; a write that failed meanwhile is logged, not lost.
+            for done in run.writing:
+                if (error := done.exception()) is not None:
+                    log.error("merge.write_failed", error=repr(error))
+            run.writing = []
+            raise
         finally:
             run.writer = None
 

@@ -7,11 +7,13 @@ import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from processor import apply
 from processor.keyed import KeyedTable, TableFile
 from processor.kpis import HASH
 from processor.merge import Publication, merge
@@ -428,6 +430,41 @@ def test_items_swapping_orders_are_exact_while_the_keyed_writes_lag_behind_the_s
         day_kpi("2025-03-05", 1, 0, 2, 600, 1),  # order 10: items 3 and 2
         day_kpi("2025-03-06", 1, 0, 2, 900, 1),  # order 11: items 4 and 1
     ]
+
+
+def test_a_write_that_fails_while_a_step_fails_is_logged_and_nothing_is_committed(
+    write_csv: WriteCsv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first step's orders file fails to write (in the background) while the second step fails too: the
+    merge raises the step's error, logs the write's, and leaves the state as it was."""
+    write, step = KeyedTable._write, apply.apply_step
+    calls = 0
+
+    def failing_write(self: KeyedTable, rows: pl.DataFrame, scratch: Path) -> TableFile:
+        if self.spec.name == "orders":
+            raise OSError("No space left on device")
+        return write(self, rows, scratch)
+
+    def failing_step(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            time.sleep(0.2)  # the first step's writes have finished (and failed) by now
+            raise RuntimeError("the second step failed")
+        step(*args)
+
+    monkeypatch.setattr(KeyedTable, "_write", failing_write)
+    monkeypatch.setattr(apply, "apply_step", failing_step)
+    settings = Settings.load(env={}, buckets=4, work_dir=tmp_path / "work", merge_rows=2)
+    staging = tmp_path / "staging"
+    orders = [order(10, 100, "2025-03-01T08:00:00"), order(11, 100, "2025-03-02T08:00:00")]
+    items = [item(1, 10, 100, 1, "1.00"), item(2, 11, 100, 1, "2.00")]
+    files = [write_csv("products.csv", [product(1, "Books")]), write_csv("orders.csv", orders)]
+    with pytest.raises(RuntimeError, match="the second step failed"):
+        run([*files, write_csv("order_items.csv", items)], staging, settings)
+    failed = [r for r in caplog.records if r.getMessage() == "merge.write_failed"]
+    assert len(failed) == 1 and "No space left on device" in failed[0].fields["error"]  # type: ignore[attr-defined]
+    assert load_head(LocalStore(staging)).generation == 0
 
 
 def test_file_names_with_glob_characters_merge_like_any_other(
