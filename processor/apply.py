@@ -112,14 +112,10 @@ def apply_step(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple
     ]
     with run.timed("write"):
         drain(run)  # the previous step's files: one step's writes in flight at a time, so memory stays bounded
-        # The tables' files are independent: one table's sort, Parquet and Bloom filter overlap the others'; and
-        # with a writer (see apply_steps) they also overlap the next step's reads and joins.
-        if run.writer is None:
-            with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="keyed-write") as pool:
-                for done in [pool.submit(write, rows, run.scratch) for write, rows in writes]:
-                    done.result()
-        else:
-            run.writing = [run.writer.submit(write, rows, run.scratch) for write, rows in writes]
+    # The tables' files are independent: one table's sort, Parquet and Bloom filter overlap the others', and all
+    # of them the next step's reads and joins (see apply_steps).
+    assert run.writer is not None, "steps are applied by apply_steps"
+    run.writing = [run.writer.submit(write, rows, run.scratch) for write, rows in writes]
 
 
 def apply_steps(state: State, run: MergeRun, steps: Iterable[Step], numbers: dict[str, tuple[int, int]]) -> None:

@@ -14,7 +14,7 @@ The steps, each a task of its own on AWS (a Map over ECS tasks) or a thread loca
 
 1. :func:`plan` (under the merge lock, which it keeps): the delivery, its file numbers, the latest products, the
    item ids held twice, and bucket groups of about equal rows, written to ``state/g=<G>/plan.json``;
-2. :func:`run_part` for each group: the single-task merge's own steps (:func:`processor.apply.apply_step`) on
+2. :func:`run_part` for each group: the single-task merge's own steps (:func:`processor.apply.apply_steps`) on
    that group, writing the keyed tables' files and the aggregates' deltas under ``state/g=<G>/p<i>/`` and, last,
    ``result.json`` (a retried part that finds it answers it);
 3. :func:`finish`: adopts the parts' files into one run per table, sums the deltas, counts the customers, then

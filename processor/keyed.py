@@ -265,10 +265,8 @@ class KeyedTable:
         key = list(self.spec.full_key)
         if self.spec.additive:
             weight = [pl.col(WEIGHT).sum()]
-            if len(key) == 2 and rows.schema[key[1]] == pl.Date:  # the (user, date) counts: one packed key
-                out = group_by_pair(rows, key[0], key[1], weight)
-            else:
-                out = rows.group_by(key).agg(*weight)
+            # the (user, date) counts group by one packed key (group_by_pair checks the columns' types)
+            out = group_by_pair(rows, key[0], key[1], weight) if len(key) == 2 else rows.group_by(key).agg(*weight)
             out = out if keep_deleted else out.filter(pl.col(WEIGHT) != 0)
         else:
             out = rows.sort("_age", descending=True).unique(subset=key, keep="first", maintain_order=False)
