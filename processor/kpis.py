@@ -174,8 +174,8 @@ def contributions(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFr
     users = group_by_pair(o, "user_id", "order_date", [pl.len().cast(pl.Int64).alias("n")])
     # Items carry their category's number in the sorted list of categories, not its name: a join copies an
     # integer per item instead of a string, and (number, date) groups by one packed key (processor.pairs).
-    names = products.select(pl.col("category").unique().sort()).with_row_index("cat")
-    codes = products.join(names, on="category").select("product_id", pl.col("cat").cast(pl.Int64))
+    names = products.select(pl.col("category").unique().sort()).with_row_index("cat").cast({"cat": pl.Int64})
+    codes = products.join(names, on="category").select("product_id", "cat")
     it = items.join(
         o.select("order_id", pl.col("user_id").alias("order_user_id"), "order_date"), on="order_id", how="left"
     ).join(codes, on="product_id", how="left")
@@ -207,7 +207,7 @@ def contributions(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFr
             pl.len().cast(pl.Int64).alias("items"),
             pl.col("cents").sum().cast(pl.Int64).alias("revenue"),
         ],
-    ).join(names.with_columns(pl.col("cat").cast(pl.Int64)), on="cat")
+    ).join(names, on="cat")
     pending = (
         it.filter(pl.col("reason").is_in(["order", "product"]))
         .group_by("reason", (pl.col(VER) // (1 << TIE_BITS)).alias("arrival_us"))
