@@ -109,8 +109,8 @@ def _cents() -> pl.Expr:
     return (pl.col("sale_price").cast(pl.Decimal(20, 2)) * 100).cast(pl.Int64).alias("cents")
 
 
-def order_rows(staged: pl.LazyFrame, data_columns: Sequence[str]) -> pl.LazyFrame:
-    """Staged orders (with ``_ver``) -> rows of the orders state."""
+def order_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
+    """Staged orders (with ``_ver``) -> rows of the orders state (and the staged columns ``keep``)."""
     return staged.select(
         "order_id",
         "user_id",
@@ -118,11 +118,13 @@ def order_rows(staged: pl.LazyFrame, data_columns: Sequence[str]) -> pl.LazyFram
         _returned().alias("o_ret"),
         VER,
         row_digest(data_columns),
+        *keep,
     )
 
 
-def item_rows(staged: pl.LazyFrame, data_columns: Sequence[str]) -> pl.LazyFrame:
-    """Staged items (with ``_ver`` and ``_fno``) -> rows of the items-by-order state, plus their digest."""
+def item_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
+    """Staged items (with ``_ver`` and ``_fno``) -> rows of the items-by-order state, plus their digest (and the
+    staged columns ``keep``)."""
     return staged.select(
         "order_id",
         "id",
@@ -135,11 +137,12 @@ def item_rows(staged: pl.LazyFrame, data_columns: Sequence[str]) -> pl.LazyFrame
         "_fno",
         pl.lit(False).alias("_del"),
         row_digest(data_columns),
+        *keep,
     )
 
 
-def product_rows(staged: pl.LazyFrame, data_columns: Sequence[str]) -> pl.LazyFrame:
-    return staged.select(pl.col("id").alias("product_id"), "category", VER, row_digest(data_columns))
+def product_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
+    return staged.select(pl.col("id").alias("product_id"), "category", VER, row_digest(data_columns), *keep)
 
 
 def latest(rows: pl.DataFrame, key: str) -> tuple[pl.DataFrame, int]:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import polars as pl
@@ -111,6 +112,8 @@ class MergeRun:
     duplicates: pl.DataFrame | None = None  # item ids the delivery holds more than once -> latest version
     writer: ThreadPoolExecutor | None = None  # writes keyed files behind the steps (processor.apply.apply_steps)
     writing: list[Future[None]] = field(default_factory=list)  # the writes of the last step, while in flight
+    upcoming: list[tuple[Segment, Any]] | None = None  # the step after the one being applied (a steps.Step)
+    ahead: dict[str, pl.DataFrame] = field(default_factory=dict)  # its rows, read with this step's (apply._read)
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:

@@ -517,3 +517,41 @@ def test_a_bucket_bigger_than_a_step_is_merged_in_order_ranges_with_the_same_kpi
     daily, category = current_kpis(store)
     assert (daily, category) == (whole.daily, whole.category)
     assert [k.public() for k in daily] == table.kpis()["daily"]
+
+
+def test_steps_of_one_bucket_read_the_next_steps_rows_ahead_and_stay_exact(
+    write_csv: WriteCsv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight buckets of 15 staged rows, steps of at most 20 rows: one bucket a step, each reading the next step's
+    bucket with its own (they share row groups). A first load and a delivery that moves items between orders of
+    different buckets and orders between dates give exactly the KPIs of the same merges without the read-ahead."""
+    orders = [order(o, 100 + o % 7, f"2025-03-{1 + o % 5:02d}T08:00:00") for o in range(1, 41)]
+    items = [item(i, 1 + (i - 1) % 40, 100 + (1 + (i - 1) % 40) % 7, 1 + i % 3, f"{i}.25") for i in range(1, 81)]
+    first = [
+        write_csv("products.csv", [product(1, "Books"), product(2, "Games"), product(3, "Tools")]),
+        write_csv("orders.csv", orders),
+        write_csv("order_items.csv", items),
+    ]
+    moved = [item(i, 1 + (i + 4) % 40, 100 + (1 + (i + 4) % 40) % 7, 1 + i % 3, f"{i}.50") for i in range(1, 81, 3)]
+    later = [
+        write_csv("orders.csv", [order(o, 100 + o % 7, "2025-03-09T08:00:00") for o in range(3, 41, 6)], "d2"),
+        write_csv("order_items.csv", moved, "d2"),
+    ]
+    settings = Settings.load(env={}, buckets=8, work_dir=tmp_path / "work", merge_rows=20)
+    read_with = apply._read_with
+    shared: list[int] = []
+
+    def spy(*args: Any) -> list[int]:
+        buckets = read_with(*args)
+        shared.extend(buckets)
+        return buckets
+
+    monkeypatch.setattr(apply, "_read_with", spy)
+    ahead = [run(first, tmp_path / "ahead", settings), run(later, tmp_path / "ahead", settings)]
+    assert len(shared) >= 8  # orders and items of at least four steps were read ahead
+    monkeypatch.setattr(apply, "_read_with", lambda *args: [])
+    plain = [run(first, tmp_path / "plain", settings), run(later, tmp_path / "plain", settings)]
+    for a, p in zip(ahead, plain, strict=True):
+        assert a.merge.groups_recomputed == p.merge.groups_recomputed
+        assert (a.daily, a.category) == (p.daily, p.category)
+    assert plain[1].merge.dates and any(k.order_date == "2025-03-09" and k.total_orders for k in plain[1].daily)
