@@ -19,7 +19,7 @@ from processor.log import get_logger
 from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS
 from processor.stage import Segment, scan_segment
 from processor.state import MergeRun, State
-from processor.steps import Step
+from processor.steps import Cut, Step
 
 log = get_logger("merge")
 
@@ -43,8 +43,8 @@ def _read(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int,
         lf = scan_segment(state.store, seg)
         if later:
             assert cut is not None
-            lf = lf.filter(pl.col(BUCKET).is_in(cut.buckets + later))
-        elif cut is not None:
+            cut = Cut(cut.buckets + later)  # whole buckets: _read_with checked there is no order-id range
+        if cut is not None:
             lf = lf.filter(cut.predicate())
         fno, ver = numbers[seg.file_id]
         lf = lf.with_columns(pl.lit(ver, pl.Int64).alias(K.VER), pl.lit(fno, pl.Int32).alias("_fno"))

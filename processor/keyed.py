@@ -46,6 +46,10 @@ DEL = "_del"  # tombstone column of latest tables that delete rows
 WEIGHT = "n"  # weight column of additive tables
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+_ONE, _S27, _S30, _S31, _S40, _S52, _S63 = (np.uint64(v) for v in (1, 27, 30, 31, 40, 52, 63))
+#: Keys hashed or added to a filter per pass: whole-array expressions over tens of millions of keys spent about a
+#: third of their time faulting in fresh pages for their temporaries; 2 MB buffers are reused and stay in cache.
+_BLOCK = 1 << 18
 
 
 class TableFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -145,12 +149,6 @@ class Bloom:
         tmp &= want
         hit: np.ndarray = tmp == want
         return hit
-
-
-_ONE, _S27, _S30, _S31, _S40, _S52, _S63 = (np.uint64(v) for v in (1, 27, 30, 31, 40, 52, 63))
-#: Keys hashed or added to a filter per pass: whole-array expressions over tens of millions of keys spent about a
-#: third of their time faulting in fresh pages for their temporaries; 2 MB buffers are reused and stay in cache.
-_BLOCK = 1 << 18
 
 
 class KeyedTable:

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import polars as pl
@@ -24,6 +23,7 @@ from processor import kpis as K
 from processor.keyed import KeyedTable, Run, TableSpec
 from processor.model import CategoryKpi, OrderKpi
 from processor.stage import Segment
+from processor.steps import Step
 from processor.store import Store
 
 HEAD_KEY = "state/head.json"
@@ -112,7 +112,7 @@ class MergeRun:
     duplicates: pl.DataFrame | None = None  # item ids the delivery holds more than once -> latest version
     writer: ThreadPoolExecutor | None = None  # writes keyed files behind the steps (processor.apply.apply_steps)
     writing: list[Future[None]] = field(default_factory=list)  # the writes of the last step, while in flight
-    upcoming: list[tuple[Segment, Any]] | None = None  # the step after the one being applied (a steps.Step)
+    upcoming: Step | None = None  # the step after the one being applied
     ahead: dict[str, pl.DataFrame] = field(default_factory=dict)  # its rows, read with this step's (apply._read)
 
     @contextmanager
