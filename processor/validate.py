@@ -69,7 +69,15 @@ def parse_timestamps(raw: pl.Series) -> pl.Series:
     ``Z`` or ``+02:00`` offsets) goes through the slower formats, only for the rows the fast path missed. No cache of
     converted values: timestamps are nearly all distinct, and polars' cache cost a third of the parse.
     """
-    fast = raw.str.to_datetime(_FAST_TS, strict=False, time_unit="us", time_zone="UTC", cache=False)
+    return _complete_timestamps(raw, raw.to_frame().select(_fast_timestamps(pl.col(raw.name))).to_series())
+
+
+def _fast_timestamps(raw: pl.Expr) -> pl.Expr:
+    return raw.str.to_datetime(_FAST_TS, strict=False, time_unit="us", time_zone="UTC", cache=False)
+
+
+def _complete_timestamps(raw: pl.Series, fast: pl.Series) -> pl.Series:
+    """``fast`` (the fast path's result) with the values it missed parsed by the slower formats."""
     missed = fast.is_null() & raw.is_not_null()
     if not missed.any():
         return fast
@@ -83,14 +91,19 @@ def parse_timestamps(raw: pl.Series) -> pl.Series:
     return fast.scatter(idx, slow)
 
 
-def _money_precision_ok(raw: pl.Series) -> pl.Series:
-    """True where the value has at most 2 significant fraction digits (``1.500`` is fine, ``1.505`` is not)."""
+def _long_fraction(raw: pl.Expr) -> pl.Expr:
+    """True where a money value has more than 2 fraction digits as written (``1.500`` too: see below)."""
     dot = raw.str.find(".", literal=True)
     frac = raw.str.len_bytes().cast(pl.Int64) - dot.cast(pl.Int64) - 1
-    long = (frac > 2).fill_null(False)
+    return (frac > 2).fill_null(False)
+
+
+def _bad_precision(raw: pl.Series, long: pl.Series) -> pl.Series:
+    """True where a money value has more than 2 significant fraction digits (``1.500`` is fine, ``1.505`` is not):
+    the regex runs only when some value is long at all."""
     if not long.any():
-        return ~long
-    return ~long | raw.str.contains(r"\.\d{2}0+$").fill_null(False)
+        return long
+    return long & ~raw.str.contains(r"\.\d{2}0+$").fill_null(False)
 
 
 def _nulls(name: str, n: int) -> pl.Series:
@@ -126,11 +139,11 @@ def check_chunk(raw: pl.DataFrame, dataset: Dataset) -> tuple[pl.DataFrame, pl.D
     come typed from the reader) and ``_line``. Returns ``(valid, rejected)``: ``valid`` with the staged schema
     (``dataset.staged_schema()``), ``rejected`` with ``_line``, ``_reason``, ``_column`` and the raw string values.
 
-    Steps: type each column and note the rows its kind's rules reject (:func:`_type_column`); the rules across
+    Steps: type each column and note the rows its kind's rules reject (:func:`_type_columns`); the rules across
     columns (:func:`_row_rules`); each row's first failing rule and column (:func:`_first_fault`); the split.
     """
     faults: _Faults = {r: [] for r in ROW_RULES}
-    typed = {col.name: _type_column(col, raw.get_column(col.name), faults) for col in dataset.columns}
+    typed = _type_columns(raw, dataset, faults)
     _row_rules(typed, dataset, faults)
     reason, column = _first_fault(faults, raw.height)
     line = raw.get_column(LINE).cast(pl.Int64)
@@ -146,35 +159,75 @@ def check_chunk(raw: pl.DataFrame, dataset: Dataset) -> tuple[pl.DataFrame, pl.D
     return valid.filter(~bad), rejected
 
 
-def _type_column(col: Column, s: pl.Series, faults: _Faults) -> pl.Series:
-    """``s`` cast to its staged type; the rows that break its kind's rules are added to ``faults``."""
+def _type_columns(raw: pl.DataFrame, dataset: Dataset, faults: _Faults) -> dict[str, pl.Series]:
+    """Every column cast to its staged type; the rows that break its kind's rules are added to ``faults``.
+
+    The casts and checks of all columns are one ``select``, which polars evaluates side by side on its threads (a
+    chunk's four timestamp columns parse at once); evaluated one after another they kept one core busy while the
+    reader and the writer waited for it. What is left runs on the results: the slow paths, only for the rows (or
+    chunks) that need them.
+    """
+    exprs = [e for col in dataset.columns for e in _column_exprs(col, raw.schema[col.name])]
+    computed = raw.select(exprs) if exprs else pl.DataFrame()
+    return {
+        col.name: _column_result(col, raw.get_column(col.name), computed, faults).alias(col.name)
+        for col in dataset.columns
+    }
+
+
+def _part(name: str, what: str) -> str:
+    return f"{name}:{what}"  # the select's output holds only these: no clash with the chunk's own columns
+
+
+def _column_exprs(col: Column, dtype: pl.DataType) -> list[pl.Expr]:
+    """What :func:`_column_result` needs computed over the whole column, as expressions."""
+    c = pl.col(col.name)
+    if col.kind is Kind.INT:
+        return [] if dtype == pl.Int64 else [c.cast(pl.Int64, strict=False).alias(_part(col.name, "t"))]
+    if col.kind is Kind.MONEY:
+        return [
+            c.cast(MONEY_DTYPE, strict=False).alias(_part(col.name, "t")),
+            # The cast accepts exponent notation (1e3); the contract's decimals are plain digits.
+            c.str.contains_any(["e", "E"]).alias(_part(col.name, "e")),
+            _long_fraction(c).alias(_part(col.name, "long")),
+        ]
+    if col.kind is Kind.TS:
+        return [_fast_timestamps(c).alias(_part(col.name, "t"))]
+    if col.kind is Kind.STATUS:
+        return [c.is_in(STATUSES).alias(_part(col.name, "known"))]
+    return []
+
+
+def _column_result(col: Column, s: pl.Series, computed: pl.DataFrame, faults: _Faults) -> pl.Series:
+    """``s`` cast to its staged type from what :func:`_column_exprs` computed; its faults added to ``faults``."""
+
+    def part(what: str) -> pl.Series:
+        return computed.get_column(_part(col.name, what))
+
     present = s.is_not_null()
     if col.required:
         faults[Reason.MISSING_REQUIRED].append((~present, col.name))
     if col.kind is Kind.INT:
-        t = s if s.dtype == pl.Int64 else s.cast(pl.Int64, strict=False)  # the reader may have typed it
+        t = s if s.dtype == pl.Int64 else part("t")  # the reader may have typed it
     elif col.kind is Kind.MONEY:
-        t = s.cast(MONEY_DTYPE, strict=False)
-        # The cast accepts exponent notation (1e3); the contract's decimals are plain digits.
-        exponent = s.str.contains_any(["e", "E"])
+        t, exponent = part("t"), part("e")
         if exponent.any():
             t = pl.select(pl.when(exponent).then(None).otherwise(t)).to_series()
         faults[Reason.NEGATIVE_MONEY].append(((t < 0).fill_null(False), col.name))
-        faults[Reason.MONEY_PRECISION].append((present & ~_money_precision_ok(s), col.name))
+        faults[Reason.MONEY_PRECISION].append((present & _bad_precision(s, part("long")), col.name))
     elif col.kind is Kind.TS:
-        t = parse_timestamps(s)
+        t = _complete_timestamps(s, part("t"))
     elif col.kind is Kind.STATUS:
-        t = _statuses(s, present, col.name, faults)
+        t = _statuses(s, part("known"), present, col.name, faults)
     else:
         t = s
     if col.kind is not Kind.STR and col.kind is not Kind.STATUS:
         faults[Reason.BAD_TYPE].append((present & t.is_null(), col.name))
-    return t.alias(col.name)
+    return t
 
 
-def _statuses(s: pl.Series, present: pl.Series, name: str, faults: _Faults) -> pl.Series:
+def _statuses(s: pl.Series, known: pl.Series, present: pl.Series, name: str, faults: _Faults) -> pl.Series:
     """Statuses lowercased; unknown ones noted. Values already lowercase (the usual case) are not copied."""
-    known = s.is_in(STATUSES)
     if (known | ~present).all():
         return s
     t = s.str.to_lowercase()

@@ -228,6 +228,44 @@ def test_ingest_applies_the_record_limit_it_is_given(tmp_path: Path) -> None:
     assert out.rejects_by_reason == {"record_too_long": 1} and out.valid_rows == 1
 
 
+def _orders(n: int) -> bytes:
+    rows = (f"{i},{i % 97},complete,2025-03-01T00:00:{i % 60:02d},{1 + i % 3}\n" for i in range(1, n + 1))
+    return b"order_id,user_id,status,created_at,num_of_item\n" + "".join(rows).encode()
+
+
+def test_a_file_of_many_chunks_stages_every_valid_row_once_whatever_the_writer_lags(tmp_path: Path) -> None:
+    # 4 KB chunks: hundreds of chunks, many more than the writer may have queued or held at once.
+    n = 20_000
+    out = ingest(io.BytesIO(_orders(n)), ORDERS, tmp_path, buckets=8, chunk_bytes=1 << 12, max_invalid_share=0.0)
+    staged = pl.read_parquet(out.segment)
+    assert out.valid_rows == staged.height == n
+    assert staged.get_column("order_id").sort().to_list() == list(range(1, n + 1))
+    assert (staged.get_column("_line") == staged.get_column("order_id") + 1).all()
+    # the writes kept the chunks' order: each bucket's rows, read in file order, ascend by line
+    steps = staged.group_by("_b").agg(pl.col("_line").diff().drop_nulls().min().alias("least"))
+    assert steps.height == 8 and (steps.get_column("least") > 0).all()
+
+
+def test_a_failed_segment_write_fails_the_file_rather_than_losing_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    calls = 0
+    original = pq.ParquetWriter.write_table
+
+    def failing(self: pq.ParquetWriter, table: object, *args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(28, "No space left on device")
+        original(self, table, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
+    with pytest.raises(OSError, match="No space left"):
+        ingest(io.BytesIO(_orders(20_000)), ORDERS, tmp_path, buckets=8, chunk_bytes=1 << 12, max_invalid_share=0.0)
+
+
 def test_file_id_of_a_local_path_that_is_not_utf8_is_stable_and_printable() -> None:
     source = os.fsdecode(b"/data/orders_\xff.csv")  # how Python hands such a name over
     fid = file_id_for(source, "10:20")
