@@ -2,9 +2,9 @@
 
 The file is never held in memory: :mod:`processor.reader` cuts the byte stream into chunks of about
 ``settings.chunk_mb`` megabytes of whole records; each chunk is validated (:func:`processor.validate.check_chunk`)
-and its valid rows are appended to one Parquet *segment* in row groups of whole buckets (a few chunks written
-together), so a later merge reads some buckets by row-group pruning. Rejected rows are appended to a CSV beside it
-with their line, reason and column.
+and its valid rows (for orders and items, the facts the merge reads of them: :data:`FACTS`) are appended to one
+Parquet *segment* in row groups of whole buckets (a few chunks written together), so a later merge reads some
+buckets by row-group pruning. Rejected rows are appended to a CSV beside it with their line, reason and column.
 
 The one rule that spans chunks, duplicate primary keys within the file, is exact without holding every key in
 memory: repeats within a chunk are rejected at once, and the chunks' distinct keys go to a
@@ -18,7 +18,7 @@ import gzip
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +29,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from processor import kpis as K
 from processor.duplicates import KeySpill
-from processor.errors import FileRejected, Reason
+from processor.errors import FileRejected, InternalError, Reason
 from processor.parquet import write_options
 from processor.reader import DEFAULT_MAX_RECORD_BYTES, read_chunks, read_header_line
-from processor.schema import BUCKET, ROUTE, Dataset, Kind, is_gzip
+from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, ROUTE, Dataset, Kind, is_gzip
 from processor.validate import (
     LINE,
     RAW,
@@ -68,7 +69,7 @@ class IngestOutput:
     valid_rows: int
     rejects_by_reason: dict[str, int]
     samples: list[dict[str, Any]]
-    segment: Path  # Parquet of valid typed rows, with _line and _b
+    segment: Path  # Parquet of the valid rows (their facts, or typed rows), with _line and _b
     rejects: Path  # CSV of rejected rows, with _line, _reason, _column and the raw values
     buckets: list[int]  # buckets that received rows
     warnings: list[str] = field(default_factory=list)
@@ -145,21 +146,28 @@ def ingest(
     chunk_bytes: int,
     max_invalid_share: float,
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    facts: bool = True,
 ) -> IngestOutput:
     """Validate a CSV byte stream (already decompressed) and stage its valid rows into ``work_dir``.
 
     Steps: the header (:func:`_layout`), the chunks, validated and staged as they are read
     (:func:`_stage_chunks`), the duplicate keys across chunks (:func:`_drop_duplicates`), the file's verdict
     (:func:`_verdict`). Raises :class:`FileRejected` for file-level rules; its context carries whatever was counted.
+
+    Orders and items are staged as their *facts* (``facts``, the default): what the merge reads of a row (keys,
+    date, cents, return flags) and a digest of all of its typed values, not the row itself (see
+    :data:`FACTS`). ``facts=False`` stages whole typed rows (a part of a split file, whose rows the combine step
+    may still have to report in full).
     """
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
     layout = _layout(stream, dataset, max_record_bytes)
     segment = work_dir / "segment.parquet"
     rejects = _RejectSink(work_dir / "rejects.csv", dataset)
-    schema = _arrow_schema(dataset)
+    derive = FACTS[dataset.name](dataset.names) if facts and dataset.name in FACTS else None
+    schema = _arrow_schema(dataset, derive)
     t0 = time.perf_counter()
-    sink = _SegmentSink(segment, schema, dataset, buckets, work_dir / "keys")
+    sink = _SegmentSink(segment, schema, dataset, buckets, work_dir / "keys", derive)
     try:
         try:
             rows, valid_rows = _stage_chunks(stream, dataset, layout, sink, rejects, chunk_bytes, max_record_bytes)
@@ -267,20 +275,47 @@ def _stage_chunks(
 def _drop_duplicates(
     segment: Path, schema: pa.Schema, dataset: Dataset, sink: _SegmentSink, rejects: _RejectSink
 ) -> int:
-    """Reject the rows whose key repeats an earlier chunk's (exact, from the key spill); how many were dropped."""
+    """Reject the rows whose key repeats an earlier chunk's (exact, from the key spill); how many were dropped.
+
+    A segment of facts has not the rows' values: the reject records come from the whole rows the sink kept of every
+    chunk from the first that broke the key order on, which hold every row a duplicate can be (:class:`_SegmentSink`).
+    """
     dup_lines = sink.duplicate_lines()
     dropped = 0
     if len(dup_lines):
 
         def drop(removed: pl.DataFrame) -> None:
             nonlocal dropped
-            rejects.add(as_rejects(removed.drop(BUCKET), dataset, Reason.DUPLICATE_KEY, dataset.key))
+            if sink.derive is None:
+                rejects.add(as_rejects(removed.drop(BUCKET), dataset, Reason.DUPLICATE_KEY, dataset.key))
             dropped += removed.height
             for b, n in removed.get_column(BUCKET).value_counts().iter_rows():
                 sink.bucket_rows[b] -= n
 
         _drop_lines(segment, dup_lines, schema, drop)
+        if sink.derive is not None:
+            reported = 0
+            for rows in _rows_of_lines(sink.whole_path, dup_lines):
+                rejects.add(as_rejects(rows, dataset, Reason.DUPLICATE_KEY, dataset.key))
+                reported += rows.height
+            if reported != dropped:  # the sink's invariant broken: never drop a row that is not reported
+                raise InternalError(f"{dropped} duplicate rows dropped, {reported} found among the rows kept whole")
     return dropped
+
+
+def _rows_of_lines(path: Path, lines: np.ndarray) -> Iterator[pl.DataFrame]:
+    """The rows of ``lines`` (sorted) in a Parquet of whole rows, a row group at a time."""
+    source = pq.ParquetFile(path)
+    try:
+        wanted = pl.Series(lines).implode()
+        for i in range(source.num_row_groups):
+            group = pl.from_arrow(source.read_row_group(i))
+            assert isinstance(group, pl.DataFrame)
+            hit = group.filter(pl.col(LINE).is_in(wanted))
+            if hit.height:
+                yield hit
+    finally:
+        source.close()
 
 
 def _verdict(rows: int, valid_rows: int, rejects: _RejectSink, max_invalid_share: float) -> None:
@@ -332,10 +367,19 @@ def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     return pq.ParquetWriter(path, schema, write_statistics=stats, **write_options(schema))
 
 
-def _arrow_schema(dataset: Dataset) -> pa.Schema:
-    staged = dataset.staged_schema()
-    staged[BUCKET] = pl.Int32()
-    return pl.DataFrame(schema=staged).to_arrow().schema
+def _arrow_schema(dataset: Dataset, derive: list[pl.Expr] | None = None) -> pa.Schema:
+    """The staged segment's schema: the typed rows, or their facts (``derive``), with ``_line`` and the bucket."""
+    staged = pl.DataFrame(schema=dataset.staged_schema())
+    if derive is not None:
+        staged = staged.select(*derive, LINE)
+    return staged.with_columns(pl.lit(0, pl.Int32).alias(BUCKET)).to_arrow().schema
+
+
+#: Per dataset staged as facts, the expressions that turn its typed rows into them (processor.kpis).
+FACTS: dict[str, Callable[[Sequence[str]], list[pl.Expr]]] = {
+    ORDERS.name: K.order_facts,
+    ORDER_ITEMS.name: K.item_facts,
+}
 
 
 class _SegmentSink:
@@ -351,6 +395,11 @@ class _SegmentSink:
     Keys go to the spill only once the file leaves the usual export order: while each chunk's keys ascend above the
     previous chunk's, no key can repeat across chunks, so nothing is spilled; if a later chunk breaks that order,
     the keys of the chunks before it are read back from the finished segment (:meth:`duplicate_lines`).
+
+    A segment of facts (``derive``) does not hold the rows' values, which the reject record of a duplicate key must
+    show. A duplicate is a row whose key an *earlier* line holds, so it cannot be in the leading chunks whose keys
+    ascend (each above every key before it): only the chunks from the first that breaks the order on are kept as
+    whole rows too (:attr:`whole_path`), and a file in the usual export order keeps none.
     """
 
     #: Most row groups per write. Fewer, bigger groups keep the footer small (every merge step reads it again);
@@ -364,11 +413,22 @@ class _SegmentSink:
     #: over a whole file the writer is busy well under half of the time.
     QUEUED_CHUNKS = 4
 
-    def __init__(self, path: Path, schema: pa.Schema, dataset: Dataset, buckets: int, spill_dir: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        schema: pa.Schema,
+        dataset: Dataset,
+        buckets: int,
+        spill_dir: Path,
+        derive: list[pl.Expr] | None = None,
+    ) -> None:
         self.schema = schema
         self.dataset = dataset
         self.buckets = buckets
+        self.derive = derive
         self.writer = _writer(path, schema)
+        self.whole_path = path.with_suffix(".rows.parquet")
+        self._whole: pq.ParquetWriter | None = None
         self.spill = KeySpill(spill_dir)
         self.bucket_rows: Counter[int] = Counter()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer")
@@ -387,6 +447,13 @@ class _SegmentSink:
 
     def _write(self, valid: pl.DataFrame) -> None:
         self._note_keys(valid.get_column(self.dataset.key).to_numpy(), valid.get_column(LINE).to_numpy())
+        if self.derive is not None:
+            if not self._ordered:  # rows a duplicate may be among: kept whole for its reject record
+                whole = valid.to_arrow()
+                if self._whole is None:
+                    self._whole = pq.ParquetWriter(self.whole_path, whole.schema, **write_options(whole.schema))
+                self._whole.write_table(whole)
+            valid = valid.select(*self.derive, LINE)
         table = valid.with_columns(bucket_expr(self.dataset, self.buckets))
         # Buckets fit 16 bits (at most 4096), which numpy sorts by radix: a stable sort (rows of a bucket stay in
         # line order) at a fraction of the cost of a general sort of the frame.
@@ -456,6 +523,8 @@ class _SegmentSink:
         finally:
             self._pool.shutdown()
             self.writer.close()
+            if self._whole is not None:
+                self._whole.close()
 
 
 def bucket_row_groups(counts: np.ndarray, max_groups: int) -> list[int]:

@@ -109,36 +109,50 @@ def _cents() -> pl.Expr:
     return (pl.col("sale_price").cast(pl.Decimal(20, 2)) * 100).cast(pl.Int64).alias("cents")
 
 
-def order_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
-    """Staged orders (with ``_ver``) -> rows of the orders state (and the staged columns ``keep``)."""
-    return staged.select(
-        "order_id",
-        "user_id",
+def order_facts(data_columns: Sequence[str]) -> list[pl.Expr]:
+    """What the merge needs of a typed order row, from its typed values: staged instead of the row itself
+    (:func:`processor.ingest.ingest`), or computed from a segment staged whole (:func:`order_rows`)."""
+    return [
+        pl.col("order_id"),
+        pl.col("user_id"),
         pl.col("created_at").dt.date().alias("order_date"),
         _returned().alias("o_ret"),
-        VER,
         row_digest(data_columns),
-        *keep,
-    )
+    ]
+
+
+def item_facts(data_columns: Sequence[str]) -> list[pl.Expr]:
+    """What the merge needs of a typed item row (see :func:`order_facts`)."""
+    return [
+        pl.col("order_id"),
+        pl.col("id"),
+        pl.col("user_id"),
+        pl.col("product_id"),
+        _cents(),
+        _returned().alias("i_ret"),
+        row_digest(data_columns),
+    ]
+
+
+def staged_facts(staged: pl.LazyFrame, facts: list[pl.Expr]) -> list[pl.Expr]:
+    """``facts`` as columns of a segment that holds them already (it has the digest), else computed from its
+    typed rows (a segment staged whole: a file validated in parts, or one staged before facts were)."""
+    if HASH in staged.collect_schema():
+        return [pl.col(e.meta.output_name()) for e in facts]
+    return facts
+
+
+def order_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
+    """Staged orders (with ``_ver``) -> rows of the orders state (and the staged columns ``keep``)."""
+    o = staged_facts(staged, order_facts(data_columns))
+    return staged.select(*o[:4], VER, o[4], *keep)
 
 
 def item_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
     """Staged items (with ``_ver`` and ``_fno``) -> rows of the items-by-order state, plus their digest (and the
     staged columns ``keep``)."""
-    return staged.select(
-        "order_id",
-        "id",
-        "user_id",
-        "product_id",
-        _cents(),
-        _returned().alias("i_ret"),
-        VER,
-        "_line",
-        "_fno",
-        pl.lit(False).alias("_del"),
-        row_digest(data_columns),
-        *keep,
-    )
+    i = staged_facts(staged, item_facts(data_columns))
+    return staged.select(*i[:6], VER, "_line", "_fno", pl.lit(False).alias("_del"), i[6], *keep)
 
 
 def product_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:

@@ -52,9 +52,17 @@ def validate_file(
 
 
 def validate_stream(
-    stream: IO[bytes], *, source: str, file_id: str, arrival: datetime, settings: Settings, work_dir: Path
+    stream: IO[bytes],
+    *,
+    source: str,
+    file_id: str,
+    arrival: datetime,
+    settings: Settings,
+    work_dir: Path,
+    facts: bool = True,
 ) -> Validated:
-    """Validate one file given as a (decompressed) byte stream; ``source`` names the dataset."""
+    """Validate one file given as a (decompressed) byte stream; ``source`` names the dataset. ``facts``: see
+    :func:`processor.ingest.ingest`."""
     started = time.perf_counter()
     dataset = detect_dataset(source)
     # A local name that is not UTF-8 (Python keeps its bytes as surrogates) is shown with those bytes escaped:
@@ -82,6 +90,7 @@ def validate_stream(
                 chunk_bytes=settings.chunk_mb << 20,
                 max_invalid_share=settings.max_invalid_share,
                 max_record_bytes=settings.max_record_kb << 10,
+                facts=facts,
             )
         except FileRejected as e:
             return _rejected(e, base, work_dir, round(time.perf_counter() - started, 3))

@@ -2,7 +2,8 @@
 
 Layout under the staging root (a local directory or ``s3://<bucket>/staging/``)::
 
-    segments/<dataset>/<file_id>.parquet    typed valid rows of one file, in row groups of whole buckets
+    segments/<dataset>/<file_id>.parquet    one file's valid rows, in row groups of whole buckets: the facts the merge
+                                            reads of orders and items (processor.ingest.FACTS), typed rows of products
                                             (deleted by the merge that applies it: its rows then live in the state)
     segments/<dataset>/<file_id>/part-<k>.parquet (and part-<k>.dropped.parquet)
                                             or, for a file validated in parts, each part's staged rows as the part
