@@ -144,15 +144,15 @@ def staged_facts(staged: pl.LazyFrame, facts: list[pl.Expr]) -> list[pl.Expr]:
 
 def order_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
     """Staged orders (with ``_ver``) -> rows of the orders state (and the staged columns ``keep``)."""
-    o = staged_facts(staged, order_facts(data_columns))
-    return staged.select(*o[:4], VER, o[4], *keep)
+    *values, digest = staged_facts(staged, order_facts(data_columns))  # the digest is the last fact
+    return staged.select(*values, VER, digest, *keep)
 
 
 def item_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
     """Staged items (with ``_ver`` and ``_fno``) -> rows of the items-by-order state, plus their digest (and the
     staged columns ``keep``)."""
-    i = staged_facts(staged, item_facts(data_columns))
-    return staged.select(*i[:6], VER, "_line", "_fno", pl.lit(False).alias("_del"), i[6], *keep)
+    *values, digest = staged_facts(staged, item_facts(data_columns))  # the digest is the last fact
+    return staged.select(*values, VER, "_line", "_fno", pl.lit(False).alias("_del"), digest, *keep)
 
 
 def product_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
