@@ -34,7 +34,6 @@ def _read(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int,
     rows of memory, not its working set."""
     if (rows := run.ahead.pop(dataset, None)) is not None:
         return rows
-    to_rows = {ORDERS.name: K.order_rows, ORDER_ITEMS.name: K.item_rows, PRODUCTS.name: K.product_rows}[dataset]
     names = {ORDERS.name: ORDERS, ORDER_ITEMS.name: ORDER_ITEMS, PRODUCTS.name: PRODUCTS}[dataset].names
     mine = [(seg, cut) for seg, cut in step if seg.dataset == dataset]
     later = _read_with(mine, run.upcoming, dataset)
@@ -48,7 +47,15 @@ def _read(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple[int,
             lf = lf.filter(cut.predicate())
         fno, ver = numbers[seg.file_id]
         lf = lf.with_columns(pl.lit(ver, pl.Int64).alias(K.VER), pl.lit(fno, pl.Int32).alias("_fno"))
-        frames.append(to_rows(lf, names, [BUCKET] if later else []))
+        keep = [BUCKET] if later else []
+        if dataset == PRODUCTS.name:
+            frames.append(K.product_rows(lf, names, keep))
+            continue
+        # Whether the file was staged as facts, asked once per merge: the answer parses the file's footer.
+        if (facts := run.staged_as_facts.get(seg.file_id)) is None:
+            facts = run.staged_as_facts[seg.file_id] = K.HASH in lf.collect_schema()
+        to_rows = K.order_rows if dataset == ORDERS.name else K.item_rows
+        frames.append(to_rows(lf, names, keep, facts=facts))
     if not frames:
         return pl.DataFrame()
     rows = pl.concat(frames).collect()

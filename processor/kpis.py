@@ -134,24 +134,30 @@ def item_facts(data_columns: Sequence[str]) -> list[pl.Expr]:
     ]
 
 
-def staged_facts(staged: pl.LazyFrame, facts: list[pl.Expr]) -> list[pl.Expr]:
-    """``facts`` as columns of a segment that holds them already (it has the digest), else computed from its
-    typed rows (a segment staged whole: a file validated in parts, or one staged before facts were)."""
-    if HASH in staged.collect_schema():
-        return [pl.col(e.meta.output_name()) for e in facts]
-    return facts
+def staged_facts(staged: pl.LazyFrame, facts: list[pl.Expr], as_facts: bool | None = None) -> list[pl.Expr]:
+    """``facts`` as columns of a segment that holds them already (``as_facts``; when None, whether it has the
+    digest), else computed from its typed rows (a segment staged whole: a file validated in parts, or one staged
+    before facts were)."""
+    if as_facts is None:
+        as_facts = HASH in staged.collect_schema()
+    return [pl.col(e.meta.output_name()) for e in facts] if as_facts else facts
 
 
-def order_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
-    """Staged orders (with ``_ver``) -> rows of the orders state (and the staged columns ``keep``)."""
-    *values, digest = staged_facts(staged, order_facts(data_columns))  # the digest is the last fact
+def order_rows(
+    staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = (), *, facts: bool | None = None
+) -> pl.LazyFrame:
+    """Staged orders (with ``_ver``) -> rows of the orders state (and the staged columns ``keep``); ``facts``: see
+    :func:`staged_facts`."""
+    *values, digest = staged_facts(staged, order_facts(data_columns), facts)  # the digest is the last fact
     return staged.select(*values, VER, digest, *keep)
 
 
-def item_rows(staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = ()) -> pl.LazyFrame:
+def item_rows(
+    staged: pl.LazyFrame, data_columns: Sequence[str], keep: Sequence[str] = (), *, facts: bool | None = None
+) -> pl.LazyFrame:
     """Staged items (with ``_ver`` and ``_fno``) -> rows of the items-by-order state, plus their digest (and the
-    staged columns ``keep``)."""
-    *values, digest = staged_facts(staged, item_facts(data_columns))  # the digest is the last fact
+    staged columns ``keep``); ``facts``: see :func:`staged_facts`."""
+    *values, digest = staged_facts(staged, item_facts(data_columns), facts)  # the digest is the last fact
     return staged.select(*values, VER, "_line", "_fno", pl.lit(False).alias("_del"), digest, *keep)
 
 

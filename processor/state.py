@@ -114,6 +114,7 @@ class MergeRun:
     writing: list[Future[None]] = field(default_factory=list)  # the writes of the last step, while in flight
     upcoming: Step | None = None  # the step after the one being applied
     ahead: dict[str, pl.DataFrame] = field(default_factory=dict)  # its rows, read with this step's (apply._read)
+    staged_as_facts: dict[str, bool] = field(default_factory=dict)  # by file id: its segment holds facts (apply._read)
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
