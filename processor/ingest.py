@@ -307,13 +307,12 @@ def _rows_of_lines(path: Path, lines: np.ndarray) -> Iterator[pl.DataFrame]:
     """The rows of ``lines`` (sorted) in a Parquet of whole rows, a row group at a time."""
     source = pq.ParquetFile(path)
     try:
-        wanted = pl.Series(lines).implode()
         for i in range(source.num_row_groups):
             group = pl.from_arrow(source.read_row_group(i))
             assert isinstance(group, pl.DataFrame)
-            hit = group.filter(pl.col(LINE).is_in(wanted))
-            if hit.height:
-                yield hit
+            hit = _among(group.get_column(LINE), lines)
+            if hit is not None:
+                yield group.filter(hit)
     finally:
         source.close()
 
@@ -451,7 +450,7 @@ class _SegmentSink:
             if not self._ordered:  # rows a duplicate may be among: kept whole for its reject record
                 whole = valid.to_arrow()
                 if self._whole is None:
-                    self._whole = pq.ParquetWriter(self.whole_path, whole.schema, **write_options(whole.schema))
+                    self._whole = _writer(self.whole_path, whole.schema)
                 self._whole.write_table(whole)
             valid = valid.select(*self.derive, LINE)
         table = valid.with_columns(bucket_expr(self.dataset, self.buckets))
@@ -554,16 +553,24 @@ def _drop_lines(segment: Path, lines: np.ndarray, schema: pa.Schema, removed: Ca
         for i in range(source.num_row_groups):
             group = pl.from_arrow(source.read_row_group(i))
             assert isinstance(group, pl.DataFrame)
-            own = group.get_column(LINE)
-            # A group holds lines of a few chunks written together: only the duplicates in its line range are
-            # looked up (``lines`` is sorted), so the work stays proportional to the rows, not groups times duplicates.
-            lo = int(np.searchsorted(lines, int(cast(int, own.min())), side="left"))
-            hi = int(np.searchsorted(lines, int(cast(int, own.max())), side="right"))
-            hit = own.is_in(pl.Series(lines[lo:hi]).implode()) if hi > lo else None
-            if hit is not None and hit.any():
+            hit = _among(group.get_column(LINE), lines)
+            if hit is not None:
                 removed(group.filter(hit))
                 group = group.filter(~hit)
             if group.height:
                 writer.write_table(group.to_arrow().cast(schema), row_group_size=group.height)
     source.close()
     tmp.replace(segment)
+
+
+def _among(own: pl.Series, lines: np.ndarray) -> pl.Series | None:
+    """Which of a row group's lines (``own``) are in ``lines`` (sorted); None when none is.
+
+    A group holds lines of a few chunks: only the part of ``lines`` within its line range is looked up, so the work
+    stays proportional to the rows, not groups times ``lines``."""
+    lo = int(np.searchsorted(lines, int(cast(int, own.min())), side="left"))
+    hi = int(np.searchsorted(lines, int(cast(int, own.max())), side="right"))
+    if hi <= lo:
+        return None
+    hit = own.is_in(pl.Series(lines[lo:hi]).implode())
+    return hit if hit.any() else None
