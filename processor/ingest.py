@@ -440,8 +440,7 @@ class _SegmentSink:
         self._held: list[tuple[pa.Table, np.ndarray]] = []  # chunks sorted by bucket, their rows per bucket
 
     def submit(self, valid: pl.DataFrame) -> None:
-        while len(self._pending) >= self.QUEUED_CHUNKS:
-            self._pending.popleft().result()
+        self._wait(keep=self.QUEUED_CHUNKS - 1)
         self._pending.append(self._pool.submit(self._write, valid))
 
     def _write(self, valid: pl.DataFrame) -> None:
@@ -511,8 +510,9 @@ class _SegmentSink:
             source.close()
         return self.spill.duplicate_lines()
 
-    def _wait(self) -> None:
-        while self._pending:
+    def _wait(self, keep: int = 0) -> None:
+        """Wait for the submitted chunks to be written but the newest ``keep`` (raising what a write raised)."""
+        while len(self._pending) > keep:
             self._pending.popleft().result()
 
     def close(self) -> None:
