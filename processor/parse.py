@@ -18,7 +18,7 @@ import polars as pl
 
 from processor.errors import Reason
 from processor.quotes import COMMA, CR, NL, QUOTE, QuoteState, inside, scan_quotes
-from processor.records import RAW_PREFIX_BYTES, Bad, Block
+from processor.records import RAW_PREFIX_BYTES, Bad, Block, count_byte
 
 LINE = "_line"
 SPACE, TAB = 32, 9
@@ -111,7 +111,7 @@ def _plain(block: bytes, records: int, cols: Columns) -> bool:
         and b"\x00" not in block
         and cols.width > 1
         and _lines_within(block, cols.limit)
-        and int(np.count_nonzero(np.frombuffer(block, dtype=np.uint8) == COMMA)) == records * (cols.width - 1)
+        and count_byte(block, COMMA) == records * (cols.width - 1)
     )
 
 

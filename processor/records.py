@@ -40,9 +40,25 @@ class Bad:
     raw: bytes
 
 
+#: Bytes compared per numpy call when counting: a comparison's temporary stays in the cache, where one the size of
+#: a whole block (megabytes) is fresh memory each time, paid for in page faults.
+_COUNT_SLICE = 1 << 18
+
+
+def count_byte(buf: bytes, byte: int, start: int = 0, end: int | None = None) -> int:
+    """How many times ``byte`` occurs in ``buf[start:end]`` (numpy: about three times faster than ``bytes.count``)."""
+    arr = np.frombuffer(buf, dtype=np.uint8)[start:end]
+    hits = np.empty(min(arr.size, _COUNT_SLICE), dtype=bool)
+    n = 0
+    for at in range(0, arr.size, _COUNT_SLICE):
+        part = arr[at : at + _COUNT_SLICE]
+        np.equal(part, byte, out=hits[: part.size])
+        n += int(np.count_nonzero(hits[: part.size]))
+    return n
+
+
 def count_newlines(buf: bytes, start: int, end: int) -> int:
-    # numpy counts a byte about three times faster than bytes.count on these buffers
-    return int(np.count_nonzero(np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start) == NL))
+    return count_byte(buf, NL, start, end)
 
 
 class Splitter:
@@ -71,6 +87,14 @@ class Splitter:
         while True:
             if not eof:
                 data = self.stream.read(self.chunk)
+                if (block := self._whole(buf, base, done, st, data)) is not None:
+                    # The common case, one copy of the bytes read (not two: joined to the record in progress, then
+                    # cut at the last record end): the record in progress now ends at the last newline read.
+                    yield block
+                    self.line += block.newlines
+                    st.shift(len(buf))  # offsets now count from the start of ``data``
+                    buf, base, done = data, data.rfind(b"\n") + 1, len(data)
+                    continue
                 if not data:
                     eof = True
                     if len(buf) > base and not buf.endswith(b"\n"):
@@ -116,6 +140,18 @@ class Splitter:
                 if len(buf) > base:  # cannot happen (the last byte is a newline): never drop data silently
                     yield self._bad(buf, base, len(buf), Reason.MALFORMED_ROW)
                 return
+
+    def _whole(self, buf: bytes, base: int, done: int, st: QuoteState, data: bytes) -> Block | None:
+        """The block that ``buf[base:]`` and ``data`` make up to the last newline of ``data``, when that newline
+        ends a record for sure: no quoted field is open, ``buf`` was scanned to its end, and ``data`` holds no quote
+        (so none of its newlines is inside a field). None otherwise (and when what follows is over the limit), for
+        the general scan."""
+        if st.inside or done < len(buf) or (nl := data.rfind(b"\n")) < 0 or len(data) - nl - 1 > self.limit:
+            return None
+        if data.find(b'"') >= 0:
+            return None
+        whole = b"".join((memoryview(buf)[base:], memoryview(data)[: nl + 1]))
+        return Block(whole, self.line, count_newlines(whole, 0, len(whole)))
 
     def _bad(self, buf: bytes, start: int, end: int, reason: Reason) -> Bad:
         keep = end if reason is Reason.MALFORMED_ROW and end - start <= self.limit else start + RAW_PREFIX_BYTES

@@ -5,6 +5,8 @@ vectorised version, which works in blocks of keys, must give the same bytes for 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -12,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import processor.keyed as keyed
-from processor.keyed import Bloom, key_hash
+from processor.keyed import Bloom, KeyedTable, TableSpec, key_hash
+from processor.store import LocalStore
 
 MASK = 2**64 - 1
 KEYS = st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(-(2**63), 2**63 - 1)), max_size=60)
@@ -70,3 +73,29 @@ def test_a_filter_over_many_blocks_finds_every_key_and_few_others() -> None:
     assert bloom.may_contain(hashes).all()
     others = key_hash(pl.DataFrame({"id": np.arange(600_000, 700_000, dtype=np.int64)}), ["id"])
     assert bloom.may_contain(others).mean() < 0.04  # two probes in one 64-bit word: about 2 % here
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(st.integers(0, 10**6), min_size=1, max_size=300, unique=True), shuffle=st.randoms())
+def test_a_file_is_sorted_by_its_first_key_whether_or_not_its_rows_came_in_order(
+    ids: list[int], shuffle: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Rows already in key order skip the sort: either way the file is in key order, its range is right and every
+    # key is found.
+    schema: dict[str, pl.DataType] = {"id": pl.Int64(), "v": pl.Int64()}
+    spec = TableSpec("t", schema, ("id",), ("id",))
+    order = list(ids)
+    shuffle.shuffle(order)  # type: ignore[attr-defined]
+    files = []
+    for name, keys in (("sorted", sorted(ids)), ("shuffled", order)):
+        root = Path(tmp_path_factory.mktemp(name))
+        table = KeyedTable(LocalStore(root / "store"), spec, [], "g")
+        table.append(pl.DataFrame({"id": keys, "v": [k * 7 for k in keys]}, schema=schema), root / "scratch")
+        (f,) = table.files
+        stored = pl.read_parquet(root / "store" / f.key)
+        assert stored.get_column("id").to_list() == sorted(ids)
+        assert (f.lo, f.hi, f.rows) == (min(ids), max(ids), len(ids))
+        found = table.lookup(pl.DataFrame({"id": ids}))
+        assert sorted(found.rows()) == sorted((k, k * 7) for k in ids)
+        files.append(stored)
+    assert files[0].equals(files[1])
