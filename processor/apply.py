@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import polars as pl
 
 from processor import kpis as K
-from processor.keyed import TableFile
 from processor.log import get_logger
 from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS
 from processor.stage import Segment, scan_segment
@@ -323,31 +322,41 @@ def move_customers(state: State, run: MergeRun, rows_per_pass: int) -> None:
     """Customers per date move when a (user, date) count leaves or reaches zero.
 
     The steps deferred their (user, date) counts; flushing sums them per (user, date) into files of disjoint user
-    ranges, and each is compared with the counts before the merge (a lookup in the files the merge started with).
-    A step never looks up what an earlier step of the same merge wrote: (user, date) pairs recur across the steps
-    of a big delivery, and that would read every earlier file at every step."""
+    ranges, and each file's counts are compared, before it is written, with the counts before the merge (a lookup
+    in the files the merge started with). A step never looks up what an earlier step of the same merge wrote:
+    (user, date) pairs recur across the steps of a big delivery, and that would read every earlier file at every
+    step."""
+    counter = CustomerCounter(state)
     with run.timed("write"):
-        mine = state.tables["users"].flush(run.scratch, rows_per_pass)
-    count_customers(state, run, mine)
+        state.tables["users"].flush(run.scratch, rows_per_pass, each=counter.add)
+    counter.apply(state, run)
 
 
-def count_customers(state: State, run: MergeRun, mine: list[TableFile]) -> None:
-    """Move the daily customer counts by the (user, date) counts of ``mine`` (this merge's files of the users
-    table, of disjoint user ranges), compared with the counts in the files the merge started with."""
-    users = state.tables["users"]
-    moved: list[pl.DataFrame] = []
-    for f in mine:
-        dn = pl.read_parquet(state.store.local_path(f.key), glob=False)
-        with run.timed("lookup"):
-            was = users.lookup(dn.select("user_id", "order_date"), files=state.start["users"]).rename({"n": "old"})
+class CustomerCounter:
+    """Moves the daily customer counts by (user, date) counts, given a key range at a time (each range's rows
+    once: a flush or a rewrite of the users table shows it each file's rows, :data:`processor.keyed.Visitor`),
+    compared with the counts in the files the merge started with."""
+
+    def __init__(self, state: State) -> None:
+        self.users = state.tables["users"]
+        self.before = state.start["users"]
+        self.moved: list[pl.DataFrame] = []
+
+    def add(self, counts: pl.DataFrame) -> None:
+        dn = counts.select("user_id", "order_date", "n")
+        was = self.users.lookup(dn.select("user_id", "order_date"), files=self.before).rename({"n": "old"})
         j = dn.join(was, on=["user_id", "order_date"], how="left").with_columns(pl.col("old").fill_null(0))
         flips = ((pl.col("old") + pl.col("n")) > 0).cast(pl.Int64) - (pl.col("old") > 0).cast(pl.Int64)
-        moved.append(j.group_by("order_date").agg(flips.sum().alias("customers")))
-    if not moved:
-        return
-    customers = pl.concat(moved).group_by("order_date").agg(pl.col("customers").sum()).filter(pl.col("customers") != 0)
-    change = customers.with_columns(
-        pl.lit(0, pl.Int64).alias(c) for c in ("orders", "returned_orders", "items", "revenue")
-    )
-    state.agg["daily"] = K.add(state.agg["daily"], change, ["order_date"])
-    run.days.update(customers.get_column("order_date").to_list())
+        self.moved.append(j.group_by("order_date").agg(flips.sum().alias("customers")))
+
+    def apply(self, state: State, run: MergeRun) -> None:
+        if not self.moved:
+            return
+        customers = (
+            pl.concat(self.moved).group_by("order_date").agg(pl.col("customers").sum()).filter(pl.col("customers") != 0)
+        )
+        change = customers.with_columns(
+            pl.lit(0, pl.Int64).alias(c) for c in ("orders", "returned_orders", "items", "revenue")
+        )
+        state.agg["daily"] = K.add(state.agg["daily"], change, ["order_date"])
+        run.days.update(customers.get_column("order_date").to_list())

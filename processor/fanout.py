@@ -37,7 +37,7 @@ import msgspec
 import polars as pl
 
 from processor import kpis as K
-from processor.apply import apply_products, apply_steps, count_customers, duplicate_items
+from processor.apply import CustomerCounter, apply_products, apply_steps, duplicate_items
 from processor.errors import StalePlan
 from processor.keyed import Run
 from processor.log import context, get_logger
@@ -247,10 +247,11 @@ def finish(
         run.conflicts += r.conflicts
         run.groups += r.groups
         run.mismatched += r.mismatched
+    counter = CustomerCounter(state)
     with run.timed("write"):
         counts = [f for r in results for f in r.tables["users"]]
-        users = state.tables["users"].absorb(counts, scratch, the_plan.rows_per_pass)
-    count_customers(state, run, users)
+        state.tables["users"].absorb(counts, scratch, the_plan.rows_per_pass, each=counter.add)
+    counter.apply(state, run)
     run.days.update(state.agg["daily"].get_column("order_date").to_list())
     run.cats.update(state.agg["category"].select("category", "order_date").iter_rows())
 

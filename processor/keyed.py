@@ -21,10 +21,9 @@ the merge deletes files that the committed state no longer names.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -35,7 +34,8 @@ import pyarrow.parquet as pq
 
 from processor.pairs import group_by_pair
 from processor.parquet import write_options
-from processor.store import LocalStore, Store
+from processor.spill import RangeSpill
+from processor.store import Store
 
 #: Rows per Parquet row group: the unit a lookup reads. Small enough that a few thousand keys spread over a big
 #: table read a small share of it; large enough that the footer stays small.
@@ -67,6 +67,8 @@ class TableFile(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Run = list[TableFile]
+#: Shown the rows of each file a flush or a rewrite writes (see KeyedTable.flush).
+Visitor = Callable[[pl.DataFrame], None]
 
 
 @dataclass(frozen=True)
@@ -163,8 +165,7 @@ class KeyedTable:
         self._blooms: dict[str, Bloom] = {}
         self._footers: dict[str, tuple[pq.FileMetaData, np.ndarray, np.ndarray]] = {}
         self._run_open = False  # whether this merge has started its run yet
-        self._pending: KeyedTable | None = None  # deferred rows (see defer)
-        self._bloomless = False
+        self._pending: RangeSpill | None = None  # deferred rows (see defer)
 
     @property
     def files(self) -> list[TableFile]:
@@ -301,25 +302,27 @@ class KeyedTable:
     def defer(self, rows: pl.DataFrame, scratch: Path) -> None:
         """Add ``rows`` to this merge's run, but only at :meth:`flush`: lookups meanwhile do not see them.
 
-        For tables whose lookups during a merge never need the merge's own rows. The rows wait in local files and
-        :meth:`flush` writes them as files of disjoint key ranges, so a key later checks one file per run, where
-        a first load's steps would otherwise leave many files that all span the whole key range."""
+        For tables whose lookups during a merge never need the merge's own rows. The rows wait in local files, cut
+        by key range (:class:`processor.spill.RangeSpill`), and :meth:`flush` writes them as files of disjoint key
+        ranges, so a key later checks one file per run, where a first load's steps would otherwise leave many files
+        that all span the whole key range."""
         if rows.is_empty():
             return
         if self._pending is None:
-            local = scratch / f"deferred-{self.spec.name}"
-            shutil.rmtree(local, ignore_errors=True)
-            self._pending = KeyedTable(LocalStore(local), replace(self.spec, modulus=0), [], "d")
-            self._pending._bloomless = True
-        self._pending.append(rows, scratch)
+            self._pending = RangeSpill(scratch / f"deferred-{self.spec.name}", self.spec.schema, self.spec.first)
+        self._pending.add(rows)
 
-    def flush(self, scratch: Path, rows_per_file: int) -> list[TableFile]:
-        """Write the deferred rows into the store (see :meth:`defer`); returns the new files."""
+    def flush(self, scratch: Path, rows_per_file: int, each: Visitor | None = None) -> list[TableFile]:
+        """Write the deferred rows into the store (see :meth:`defer`); returns the new files. ``each`` is shown
+        each file's rows (keys resolved, zero weights kept) before it is written."""
         pending, self._pending = self._pending, None
         if pending is None:
             return []
-        files = pending._merge_runs(pending.runs, scratch, bottom=False, rows_per_file=rows_per_file, dest=self)
-        shutil.rmtree(pending.store.local_path("."), ignore_errors=True)
+        try:
+            resolved = (self._resolve_rows(r, keep_deleted=True) for r in pending.ranges(rows_per_file))
+            files = self._write_ranges(resolved, scratch, each)
+        finally:
+            pending.remove()
         if files:
             self._this_run().extend(files)
         return files
@@ -330,13 +333,14 @@ class KeyedTable:
         if files:
             self._this_run().extend(files)
 
-    def absorb(self, files: Run, scratch: Path, rows_per_file: int) -> Run:
+    def absorb(self, files: Run, scratch: Path, rows_per_file: int, each: Visitor | None = None) -> Run:
         """Rewrite files of this table's store as files of disjoint key ranges in this merge's run, resolving
         keys they share (for an additive table: their weights add up); returns the new files. The inputs are
-        not named by the run: the caller deletes them once the state that replaces them is committed."""
+        not named by the run: the caller deletes them once the state that replaces them is committed. ``each``:
+        see :meth:`flush`."""
         if not files:
             return []
-        out = self._merge_runs([files], scratch, bottom=False, rows_per_file=rows_per_file)
+        out = self._merge_runs([files], scratch, bottom=False, rows_per_file=rows_per_file, each=each)
         self._this_run().extend(out)
         return out
 
@@ -369,7 +373,7 @@ class KeyedTable:
         self.store.put_file(local, name + ".parquet")
         local.unlink()
         bloom = None
-        if frame.height >= BLOOM_MIN_ROWS and not self._bloomless:
+        if frame.height >= BLOOM_MIN_ROWS:
             bloom = name + ".bloom"
             self.store.put_bytes(bloom, Bloom.build(key_hash(frame, self.spec.lookup)).bits.tobytes())
         first = frame.get_column(self.spec.first).to_numpy()
@@ -403,20 +407,13 @@ class KeyedTable:
         return True
 
     def _merge_runs(
-        self, runs: list[Run], scratch: Path, bottom: bool, rows_per_file: int, dest: KeyedTable | None = None
+        self, runs: list[Run], scratch: Path, bottom: bool, rows_per_file: int, each: Visitor | None = None
     ) -> Run:
-        """Rewrite ``runs`` as files of disjoint key ranges (into ``dest``'s store, default this table's).
-
-        A range is written (sorted, encoded, filtered) on a second thread while the next one is read and resolved:
-        the two take about as long, and nothing else runs beside a merge's last flush. At most two ranges are in
-        memory at once."""
-        dest = dest or self
+        """Rewrite ``runs`` as files of disjoint key ranges, resolving the keys they share."""
         files = [f for run in runs for f in run]
-        bounds = self._ranges(files, rows_per_file)
-        out: Run = []
-        writing: Future[TableFile] | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rewrite-{self.spec.name}") as pool:
-            for lo, hi in bounds:
+
+        def resolved() -> Iterator[pl.DataFrame]:
+            for lo, hi in self._ranges(files, rows_per_file):
                 parts = []
                 for age, f in enumerate(files):
                     if f.hi < lo or f.lo > hi:
@@ -424,14 +421,26 @@ class KeyedTable:
                     part = self._read_range(f, lo, hi)
                     if part.height:
                         parts.append(part.with_columns(pl.lit(age, pl.Int32).alias("_age")))
-                if not parts:
-                    continue
-                frame = self._resolve_rows(pl.concat(parts, how="vertical_relaxed"), keep_deleted=not bottom)
+                if parts:
+                    yield self._resolve_rows(pl.concat(parts, how="vertical_relaxed"), keep_deleted=not bottom)
+
+        return self._write_ranges(resolved(), scratch, each)
+
+    def _write_ranges(self, frames: Iterator[pl.DataFrame], scratch: Path, each: Visitor | None) -> Run:
+        """Write each frame (rows of one key range, ranges ascending) as a file, on a second thread while the next
+        frame is read and resolved: the two take about as long, and nothing else runs beside a merge's last flush.
+        At most two ranges are in memory at once."""
+        out: Run = []
+        writing: Future[TableFile] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rewrite-{self.spec.name}") as pool:
+            for frame in frames:
                 if not frame.height:
                     continue
+                if each is not None:
+                    each(frame)
                 if writing is not None:
                     out.append(writing.result())
-                writing = pool.submit(dest._write, frame, scratch)
+                writing = pool.submit(self._write, frame, scratch)
             if writing is not None:
                 out.append(writing.result())
         return out
