@@ -190,7 +190,8 @@ def contributions(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFr
     An item counts when its order and product are known and it has its order's user; it waits while its order or
     its product is missing; it is rejected (``user_mismatch``) when its order names another user.
     """
-    o = orders.select("order_id", "user_id", "order_date", "o_ret")
+    o = in_key_order(orders.select("order_id", "user_id", "order_date", "o_ret"), "order_id")
+    items = in_key_order(items, "order_id")
     daily_orders = o.group_by("order_date").agg(
         pl.len().cast(pl.Int64).alias("orders"), pl.col("o_ret").sum().cast(pl.Int64).alias("returned_orders")
     )
@@ -244,6 +245,14 @@ def contributions(orders: pl.DataFrame, items: pl.DataFrame, products: pl.DataFr
         pending=pending.select(list(PENDING)),
         mismatched=mismatched,
     )
+
+
+def in_key_order(frame: pl.DataFrame, key: str) -> pl.DataFrame:
+    """``frame``, with ``key`` flagged sorted when it is (checked: one pass over the column). Polars joins two
+    frames flagged sorted on their key by merging them, about four times faster than through a hash table; a step
+    of a file delivered in key order reads its rows in key order, but polars cannot know it."""
+    column = frame.get_column(key)
+    return frame.with_columns(column.set_sorted()) if column.is_sorted() else frame
 
 
 def nothing() -> Contribution:
