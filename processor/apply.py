@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import polars as pl
 
 from processor import kpis as K
@@ -125,10 +126,12 @@ def apply_step(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple
 
     affected: list[pl.Series] = []
     order_wins = K.empty(K.ORDER_STATE)
+    all_changed = True  # every winning order changed (then all of them are groups to recompute)
     incoming = _incoming(state, run, step, numbers, ORDERS.name, "orders")
     if incoming is not None:
         wins, changed = incoming
         order_wins = wins.select(list(K.ORDER_STATE))
+        all_changed = changed.height == wins.height  # the changed ones are some of the winners
         affected.append(changed.get_column("order_id"))
     item_wins, item_changed, tombstones = _item_changes(state, run, step, numbers, affected)
     if moved_products:
@@ -136,10 +139,13 @@ def apply_step(state: State, run: MergeRun, step: Step, numbers: dict[str, tuple
             drain(run)  # every order of the moved products, those of this merge's earlier steps included
         affected.append(t["order_items"].scan_column("product_id", moved_products, "order_id"))
 
-    group_ids = pl.concat([s.cast(pl.Int64) for s in affected]).unique() if affected else pl.Series([], dtype=pl.Int64)
+    group_ids = _distinct(affected)
     users = K.empty(K.USERS)
     if group_ids.len():
-        users = _recompute_groups(state, run, group_ids, order_wins, item_changed, products_old)
+        grouped = order_wins  # the winners of the groups: all of them, unless one was re-sent unchanged
+        if not all_changed:
+            grouped = order_wins.join(pl.DataFrame({"order_id": group_ids}), on="order_id", how="semi")
+        users = _recompute_groups(state, run, group_ids, grouped, item_changed, products_old)
     writes = [
         (t["orders"].append, order_wins),
         (t["items"].append, item_wins),
@@ -233,6 +239,18 @@ def _item_changes(
     return wins.select(list(K.ITEM_INDEX)), changed.select(list(K.ORDER_ITEMS)), tombstones
 
 
+def _distinct(parts: list[pl.Series]) -> pl.Series:
+    """The distinct order ids of ``parts``, ascending. A stable sort merges runs already in order in linear time (a
+    step of files delivered in key order holds two or three), where polars' ``unique`` sorts them all again."""
+    if not parts:
+        return pl.Series("order_id", [], dtype=pl.Int64)
+    ids = np.concatenate([p.drop_nulls().cast(pl.Int64).to_numpy() for p in parts])
+    ids.sort(kind="stable")
+    first = np.ones(ids.size, dtype=bool)
+    np.not_equal(ids[1:], ids[:-1], out=first[1:])
+    return pl.Series("order_id", ids[first])
+
+
 def _recompute_groups(
     state: State,
     run: MergeRun,
@@ -242,8 +260,9 @@ def _recompute_groups(
     products_old: pl.DataFrame,
 ) -> pl.DataFrame:
     """Read the changed order groups' old rows by key, build their new rows, and move the aggregates by
-    ``contributions(new) - contributions(old)`` (``products_old``: the products before this step). Returns the
-    change of the (user, date) counts, for the caller to write beside the step's other keyed rows."""
+    ``contributions(new) - contributions(old)`` (``order_wins``: the step's winning orders of these groups;
+    ``products_old``: the products before this step). Returns the change of the (user, date) counts, for the
+    caller to write beside the step's other keyed rows."""
     t = state.tables
     keys = pl.DataFrame({"order_id": group_ids})
     # Keyed state empty before this merge (a first load): a group's old rows could only be in this merge's own
@@ -256,7 +275,7 @@ def _recompute_groups(
         orders_old = t["orders"].lookup(keys, files=before)
         items_old = t["order_items"].lookup(keys, files=before)
     with run.timed("delta"):
-        orders_new = order_wins.join(keys, on="order_id", how="semi")
+        orders_new = order_wins
         items_new = item_changed
         if orders_old.height or items_old.height:
             orders_new = _newest(pl.concat([orders_old, orders_new]), "order_id")
