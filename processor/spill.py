@@ -36,7 +36,7 @@ class RangeSpill:
     def __init__(self, directory: Path, schema: dict[str, pl.DataType], first: str) -> None:
         self.directory = directory
         self.schema = schema
-        self._schema = pl.DataFrame(schema=schema).to_arrow().schema
+        self.arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
         self.first = first
         self.bounds: np.ndarray | None = None  # a row goes to range i when bounds[i - 1] < key <= bounds[i]
         self.files: list[Path] = []  # record batch i of each file holds the rows of range i
@@ -77,7 +77,7 @@ class RangeSpill:
                 n += int(self.rows[hi])
                 hi += 1
             if n:
-                frame = pl.from_arrow(pa.Table.from_batches(self._read(lo, hi), self._schema), rechunk=True)
+                frame = pl.from_arrow(pa.Table.from_batches(self._read(lo, hi), self.arrow_schema), rechunk=True)
                 assert isinstance(frame, pl.DataFrame)
                 yield frame
             lo = hi
