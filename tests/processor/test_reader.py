@@ -137,7 +137,8 @@ def test_the_records_read_never_depend_on_how_the_stream_is_cut(
     parts: list[bytes], chunk_bytes: int, tail: bool
 ) -> None:
     # Reads that hold no quote take a shortcut (one copy of the bytes); reads with quotes, records over the limit and
-    # a last line without its newline take the general scan: any mix of the two reads the same rows and rejects.
+    # a last line without its newline take the general scan: any mix of the two reads the same rows and rejects
+    # the same lines.
     data = b"".join(parts) + (b"9,last,c" if tail else b"")
     rows, rejects = read(data, chunk_bytes=chunk_bytes, limit=64)
     whole_rows, whole_rejects = read(data, chunk_bytes=1 << 20, limit=64)
