@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,6 +94,9 @@ def test_a_file_is_sorted_by_its_first_key_whether_or_not_its_rows_came_in_order
         table.append(pl.DataFrame({"id": keys, "v": [k * 7 for k in keys]}, schema=schema), root / "scratch")
         (f,) = table.files
         stored = pl.read_parquet(root / "store" / f.key)
+        group = pq.ParquetFile(root / "store" / f.key).metadata.row_group(0)
+        assert group.column(0).statistics.has_min_max  # what lookups locate a key by
+        assert group.column(1).statistics is None  # no other column's: nothing reads them
         assert stored.get_column("id").to_list() == sorted(ids)
         assert (f.lo, f.hi, f.rows) == (min(ids), max(ids), len(ids))
         found = table.lookup(pl.DataFrame({"id": ids}))
