@@ -33,7 +33,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from processor.pairs import group_by_pair
-from processor.parquet import write_options
+from processor.parquet import required_where_full, write_options
 from processor.spill import RangeSpill
 from processor.store import Store
 
@@ -368,7 +368,7 @@ class KeyedTable:
         name = f"{self.prefix}/{self.spec.name}-{self._serial:04d}"
         scratch.mkdir(parents=True, exist_ok=True)
         local = scratch / f"{self.spec.name}-{self._serial:04d}.parquet"
-        table = frame.to_arrow()
+        table = required_where_full(frame.to_arrow())
         # Statistics of the first key only: lookups, key ranges and rewrites read no others (min/max of ids and
         # prices spread over the whole table prune nothing), and each column's cost a pass and footer bytes.
         stats = [self.spec.first]

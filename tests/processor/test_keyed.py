@@ -103,3 +103,21 @@ def test_a_file_is_sorted_by_its_first_key_whether_or_not_its_rows_came_in_order
         assert sorted(found.rows()) == sorted((k, k * 7) for k in ids)
         files.append(stored)
     assert files[0].equals(files[1])
+
+
+def test_columns_without_nulls_are_stored_required_and_a_file_with_nulls_reads_back_as_written(
+    tmp_path: Path,
+) -> None:
+    # Required columns skip a definition level per value; a column with a null (a tombstone's empty fields) must
+    # stay optional, and lookups across both kinds of file give every row back as written.
+    schema: dict[str, pl.DataType] = {"id": pl.Int64(), "v": pl.Int64(), "gone": pl.Boolean()}
+    table = KeyedTable(LocalStore(tmp_path / "store"), TableSpec("t", schema, ("id",), ("id",)), [], "g")
+    full = pl.DataFrame({"id": [1, 2, 3], "v": [10, 20, 30], "gone": [False, False, False]}, schema=schema)
+    holes = pl.DataFrame({"id": [4, 5], "v": [None, 50], "gone": [True, False]}, schema=schema)
+    table.append(full, tmp_path / "scratch")
+    table.append(holes, tmp_path / "scratch")
+    first, second = (pq.read_schema(tmp_path / "store" / f.key) for f in table.files)
+    assert [f.nullable for f in first] == [False, False, False]
+    assert [f.nullable for f in second] == [False, True, False]
+    found = table.lookup(pl.DataFrame({"id": [1, 2, 3, 4, 5]}))
+    assert sorted(found.rows()) == sorted([*full.rows(), *holes.rows()])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -106,6 +107,19 @@ def test_a_file_in_key_order_stages_facts_only(tmp_path: Path) -> None:
         "_b",
     }
     assert not (tmp_path / "segment.rows.parquet").exists()
+
+
+def test_staged_columns_that_validation_never_leaves_null_are_required(tmp_path: Path) -> None:
+    # Required Parquet columns carry no definition levels. Facts come from required columns only; a segment of
+    # whole rows keeps the contract's optional columns optional, and their empty values read back as nulls.
+    data = "order_id,user_id,status,created_at,shipped_at,num_of_item\n"
+    data += "1,7,complete,2025-03-01T10:00:00,,1\n2,8,shipped,2025-03-01T11:00:00,2025-03-02T08:00:00,2\n"
+    facts = stage(data.encode(), ORDERS, tmp_path / "facts", 1 << 12, facts=True)
+    assert not any(f.nullable for f in pq.read_schema(facts.segment))
+    whole = stage(data.encode(), ORDERS, tmp_path / "whole", 1 << 12, facts=False)
+    optional = {f.name for f in pq.read_schema(whole.segment) if f.nullable}
+    assert optional == {c.name for c in ORDERS.columns if not c.required}
+    assert pl.read_parquet(whole.segment).sort("_line").get_column("shipped_at").null_count() == 1
 
 
 def _shop(root: Path) -> list[Path]:
