@@ -30,6 +30,45 @@ import pyarrow as pa
 RANGES = 256
 
 
+class RangeLookup:
+    """The range of each key: ``i`` when ``bounds[i - 1] < key <= bounds[i]`` (``np.searchsorted``'s answer).
+
+    Why not ``np.searchsorted`` alone: a binary search over 255 bounds costs about 45 ns a key (its branches go
+    either way at random), 11 ms for a merge step's quarter of a million customers. The span of the bounds is cut
+    into at most 2^16 cells of equal width, and a table holds the range of each cell's first and last key: a key in
+    a cell with no bound inside (nearly all of them) takes the range from the table; only keys in the few cells that
+    hold a bound are searched. Exact for any keys and bounds; skewed bounds only send more keys to the search."""
+
+    CELL_BITS = 16
+    #: Bounds spread wider than this are searched: the table's arithmetic stays far from 64-bit overflow.
+    MAX_SPAN = 1 << 61
+
+    def __init__(self, bounds: np.ndarray) -> None:
+        self.bounds = bounds.astype(np.int64)
+        self.low = int(bounds[0]) if bounds.size else 0
+        self.high = int(bounds[-1]) if bounds.size else 0
+        self.table: tuple[np.ndarray, np.ndarray] | None = None
+        if bounds.size and abs(self.low) <= self.MAX_SPAN and abs(self.high) <= self.MAX_SPAN:
+            self.shift = max(0, (self.high - self.low).bit_length() - self.CELL_BITS)
+            first = self.low + (np.arange(((self.high - self.low) >> self.shift) + 1, dtype=np.int64) << self.shift)
+            last = np.minimum(first + ((1 << self.shift) - 1), self.high)
+            self.table = (np.searchsorted(self.bounds, first), np.searchsorted(self.bounds, last))
+
+    def ranges(self, keys: np.ndarray) -> np.ndarray:
+        if self.table is None:
+            found: np.ndarray = np.searchsorted(self.bounds, keys)
+            return found
+        cell = np.clip(keys, self.low, self.high)
+        cell -= self.low
+        cell >>= self.shift
+        at_first: np.ndarray = self.table[0][cell]
+        at_last = self.table[1][cell]
+        unsure = np.flatnonzero(at_first != at_last)  # cells that hold a bound: searched
+        at_first[unsure] = np.searchsorted(self.bounds, keys[unsure])
+        at_first[keys > self.high] = self.bounds.size  # the table's last cell ends at the last bound
+        return at_first
+
+
 class RangeSpill:
     """Rows of one schema, cut by ranges of the column ``first`` into local Arrow IPC files (one per batch)."""
 
@@ -38,7 +77,7 @@ class RangeSpill:
         self.schema = schema
         self.arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
         self.first = first
-        self.bounds: np.ndarray | None = None  # a row goes to range i when bounds[i - 1] < key <= bounds[i]
+        self.lookup: RangeLookup | None = None  # the ranges, set by the first batch
         self.files: list[Path] = []  # record batch i of each file holds the rows of range i
         self.rows = np.zeros(0, dtype=np.int64)  # rows of each range, over all files
         shutil.rmtree(directory, ignore_errors=True)
@@ -50,11 +89,11 @@ class RangeSpill:
             return
         rows = rows.select(list(self.schema)).cast(self.schema)  # type: ignore[arg-type]
         keys = rows.get_column(self.first).to_numpy()
-        if self.bounds is None:
+        if self.lookup is None:
             cuts = np.linspace(0, 1, RANGES + 1)[1:-1]
-            self.bounds = np.unique(np.quantile(keys, cuts, method="lower"))
-            self.rows = np.zeros(self.bounds.size + 1, dtype=np.int64)
-        part = np.searchsorted(self.bounds, keys, side="left").astype(np.uint16)
+            self.lookup = RangeLookup(np.unique(np.quantile(keys, cuts, method="lower")))
+            self.rows = np.zeros(self.lookup.bounds.size + 1, dtype=np.int64)
+        part = self.lookup.ranges(keys).astype(np.uint16)
         counts = np.bincount(part, minlength=self.rows.size)
         order = np.argsort(part, kind="stable")  # a radix sort of 16-bit range numbers
         starts = np.concatenate([[0], np.cumsum(counts)])

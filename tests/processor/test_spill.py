@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.spill import RangeSpill
+from processor.spill import RangeLookup, RangeSpill
 
 SCHEMA: dict[str, pl.DataType] = {"user_id": pl.Int64(), "n": pl.Int64()}
 BATCHES = st.lists(st.lists(st.integers(-(2**62), 2**62), max_size=200), min_size=1, max_size=6)
@@ -46,3 +47,21 @@ def test_neighbouring_ranges_are_grouped_into_frames_of_about_the_rows_asked_for
     sizes = [f.height for f in spill.ranges(5_000)]
     assert sum(sizes) == 40_000
     assert len(sizes) <= 9 and all(s <= 5_000 for s in sizes) and all(s >= 4_800 for s in sizes[:-1])
+
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bounds=st.one_of(
+        st.lists(st.integers(-(2**20), 2**20), min_size=1, max_size=300),  # dense: the table decides
+        st.lists(INT64, min_size=1, max_size=40),  # anywhere, up to the widest spans: searched
+        st.lists(st.integers(0, 50), min_size=1, max_size=20).map(lambda b: [*b, 10**12]),  # one far outlier
+    ),
+    keys=st.lists(st.one_of(st.integers(-(2**21), 2**21), INT64), max_size=300),
+)
+def test_range_lookup_gives_the_binary_search_answer_for_any_keys(bounds: list[int], keys: list[int]) -> None:
+    sorted_bounds = np.unique(np.asarray(bounds, dtype=np.int64))
+    k = np.asarray(keys, dtype=np.int64)
+    assert RangeLookup(sorted_bounds).ranges(k).tolist() == np.searchsorted(sorted_bounds, k).tolist()
