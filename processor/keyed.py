@@ -40,7 +40,7 @@ from processor.store import Store
 #: Rows per Parquet row group: the unit a lookup reads. Small enough that a few thousand keys spread over a big
 #: table read a small share of it; large enough that the footer stays small.
 ROW_GROUP = 8192
-BLOOM_BITS_PER_KEY = 12
+BLOOM_BITS_PER_KEY = 12  # per distinct lookup key of a file (about 2 % false positives)
 BLOOM_MIN_ROWS = 4096  # a file smaller than a few row groups is cheaper to read than to filter
 DEL = "_del"  # tombstone column of latest tables that delete rows
 WEIGHT = "n"  # weight column of additive tables
@@ -376,10 +376,12 @@ class KeyedTable:
         self.store.put_file(local, name + ".parquet")
         local.unlink()
         bloom = None
+        first = frame.get_column(self.spec.first).to_numpy()
         if frame.height >= BLOOM_MIN_ROWS:
             bloom = name + ".bloom"
-            self.store.put_bytes(bloom, Bloom.build(key_hash(frame, self.spec.lookup)).bits.tobytes())
-        first = frame.get_column(self.spec.first).to_numpy()
+            self.store.put_bytes(
+                bloom, Bloom.build(key_hash(self._lookup_keys(frame, first), self.spec.lookup)).bits.tobytes()
+            )
         parts = None
         if self.spec.modulus:
             present = np.flatnonzero(np.bincount(first % self.spec.modulus, minlength=self.spec.modulus))
@@ -387,6 +389,15 @@ class KeyedTable:
         return TableFile(
             key=name + ".parquet", rows=frame.height, lo=int(first[0]), hi=int(first[-1]), bloom=bloom, parts=parts
         )
+
+    def _lookup_keys(self, frame: pl.DataFrame, first: np.ndarray) -> pl.DataFrame:
+        """The rows' lookup keys, each once where they repeat: a filter is sized and built per distinct key (the
+        items by order repeat each order id about twice). ``first``: the first key, sorted."""
+        if self.spec.lookup != (self.spec.first,) or self.spec.lookup == self.spec.full_key:
+            return frame  # full keys are distinct in a file; longer lookup prefixes keep their repeats
+        new = np.ones(first.size, dtype=bool)
+        np.not_equal(first[1:], first[:-1], out=new[1:])
+        return frame.select(self.spec.first).filter(new)
 
     def compact(self, scratch: Path, *, rows_per_file: int, fanout: int = 4, max_runs: int = 6) -> bool:
         """Merge the newest runs while they are within ``fanout`` of the run below (or there are too many runs).

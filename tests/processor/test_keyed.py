@@ -121,3 +121,19 @@ def test_columns_without_nulls_are_stored_required_and_a_file_with_nulls_reads_b
     assert [f.nullable for f in second] == [False, True, False]
     found = table.lookup(pl.DataFrame({"id": [1, 2, 3, 4, 5]}))
     assert sorted(found.rows()) == sorted([*full.rows(), *holes.rows()])
+
+
+def test_a_filter_is_sized_by_the_distinct_lookup_keys_of_its_file(tmp_path: Path) -> None:
+    # Items by order: the lookup key (the order) repeats for each item. The filter holds each order once, at the
+    # bits per key it is meant to have, and still finds every order of the file.
+    schema: dict[str, pl.DataType] = {"order_id": pl.Int64(), "id": pl.Int64()}
+    spec = TableSpec("t", schema, ("order_id", "id"), ("order_id",))
+    table = KeyedTable(LocalStore(tmp_path / "store"), spec, [], "g")
+    orders = np.arange(2_500, dtype=np.int64) * 7
+    table.append(pl.DataFrame({"order_id": np.repeat(orders, 4), "id": np.arange(10_000)}), tmp_path / "scratch")
+    (f,) = table.files
+    assert f.bloom is not None
+    words = 1 << int(np.ceil(np.log2(orders.size * keyed.BLOOM_BITS_PER_KEY / 64)))
+    assert len((tmp_path / "store" / f.bloom).read_bytes()) == 8 * words
+    found = table.lookup(pl.DataFrame({"order_id": orders[::50]}))
+    assert found.height == 4 * orders[::50].size
