@@ -283,8 +283,12 @@ class KeyedTable:
         key = list(self.spec.full_key)
         if self.spec.additive:
             weight = [pl.col(WEIGHT).sum()]
-            # the (user, date) counts group by one packed key (group_by_pair checks the columns' types)
-            out = group_by_pair(rows, key[0], key[1], weight) if len(key) == 2 else rows.group_by(key).agg(*weight)
+            # the (user, date) counts group by one packed key (group_by_pair checks the columns' types), in key
+            # order: a file is written sorted, and runs of a sorted key group without a hash table
+            if len(key) == 2:
+                out = group_by_pair(rows, key[0], key[1], weight, in_order=True)
+            else:
+                out = rows.group_by(key).agg(*weight)
             out = out if keep_deleted else out.filter(pl.col(WEIGHT) != 0)
         else:
             out = rows.sort("_age", descending=True).unique(subset=key, keep="first", maintain_order=False)

@@ -23,17 +23,20 @@ def plain(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.group_by("user_id", "order_date").agg(pl.len().alias("n"), pl.col("cents").sum())
 
 
-def packed(frame: pl.DataFrame) -> pl.DataFrame:
-    return group_by_pair(frame, "user_id", "order_date", [pl.len().alias("n"), pl.col("cents").sum()])
+def packed(frame: pl.DataFrame, *, in_order: bool = False) -> pl.DataFrame:
+    aggs = [pl.len().alias("n"), pl.col("cents").sum()]
+    return group_by_pair(frame, "user_id", "order_date", aggs, in_order=in_order)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(IDS, DAYS, st.integers(-1000, 1000)), max_size=60))
 def test_packed_pairs_group_exactly_as_two_columns(rows: list[tuple[int | None, date | None, int]]) -> None:
     frame = pl.DataFrame(rows, schema={"user_id": pl.Int64, "order_date": pl.Date, "cents": pl.Int64}, orient="row")
+    expected = plain(frame).sort("user_id", "order_date")
     got = packed(frame)
-    assert got.schema == plain(frame).schema
-    assert got.sort(pl.all()).equals(plain(frame).sort(pl.all()))
+    assert got.schema == expected.schema
+    assert got.sort("user_id", "order_date").equals(expected)
+    assert packed(frame, in_order=True).equals(expected)  # sorted by (id, date) as it comes, nulls first
 
 
 def test_pairs_outside_the_packed_range_take_the_two_column_group_by() -> None:
