@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from processor.errors import FileRejected, Reason
 from processor.ingest import IngestOutput, bucket_row_groups, ingest, open_local
-from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS, Dataset, detect_dataset
+from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS, STATUSES, Dataset, detect_dataset
 from processor.validate import check_chunk, parse_timestamps
 
 CASES = Path(__file__).parent.parent / "cases" / "validation"
@@ -205,6 +205,45 @@ def test_a_row_gets_the_first_reason_in_rule_order() -> None:
     valid, rejected = check_chunk(raw, ORDERS)
     assert valid.is_empty()
     assert rejected.select("_reason", "_column").row(0) == ("missing_required", "user_id")
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(STATUSES),
+            st.sampled_from(STATUSES).map(str.upper),
+            st.sampled_from(["ship", "shipped ", "returnedx", "", "lost", "complete\u0301"]),
+            st.text(max_size=12),
+            st.none(),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_a_status_is_known_exactly_when_its_lowercase_form_is_in_the_contract(statuses: list[str | None]) -> None:
+    n = len(statuses)
+    text = {c: pl.Series(c, [None] * n, dtype=pl.String) for c in ("returned_at", "shipped_at", "delivered_at")}
+    raw = pl.DataFrame(
+        {
+            "order_id": [str(i) for i in range(n)],
+            "user_id": ["1"] * n,
+            "status": pl.Series(statuses, dtype=pl.String),
+            "created_at": ["2025-03-01T00:00:00"] * n,
+            **text,
+            "num_of_item": ["1"] * n,
+            "_line": list(range(2, n + 2)),
+        }
+    )
+    valid, rejected = check_chunk(raw, ORDERS)
+    reasons = dict(zip(rejected.get_column("_line").to_list(), rejected.get_column("_reason").to_list(), strict=True))
+    for line, status in enumerate(statuses, start=2):
+        if status is None:  # the reader reads an empty field as null
+            assert reasons[line] == "missing_required"
+        elif status.lower() in STATUSES:
+            assert line not in reasons
+        else:
+            assert reasons[line] == "unknown_status"
+    assert set(valid.get_column("status").to_list()) == {s.lower() for s in statuses if s and s.lower() in STATUSES}
 
 
 ORDERS_HEADER = "order_id,user_id,status,created_at,num_of_item\n"
