@@ -4,7 +4,9 @@ Numbers that ascend or cluster (ids, line numbers, timestamps, dates, cents) are
 dictionary-encoded, and nothing is compressed on top. Against plain values with LZ4 (what these files used before),
 measured on the 2 GB load-test set: staged files 738 -> 409 MiB and about a third cheaper to write, keyed files
 about 45 % smaller and 40 % cheaper to write, both no slower to read (docs/performance.md, "Encodings"). Hashes
-(random 64-bit values) stay plain: their deltas are as wide as they are.
+(random 64-bit values) stay plain: their deltas are as wide as they are. Columns that hold no null are declared
+required (:func:`required_where_full`, and the staged segments' schema): an optional column costs a definition level
+per value to encode, null or not.
 """
 
 from __future__ import annotations
