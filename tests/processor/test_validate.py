@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,9 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from processor import validate
 from processor.errors import FileRejected, Reason
 from processor.ingest import IngestOutput, bucket_row_groups, ingest, open_local
-from processor.schema import BUCKET, ORDER_ITEMS, ORDERS, PRODUCTS, STATUSES, Dataset, detect_dataset
+from processor.schema import BUCKET, MONEY_DTYPE, ORDER_ITEMS, ORDERS, PRODUCTS, STATUSES, Dataset, detect_dataset
 from processor.validate import check_chunk, parse_timestamps
 
 CASES = Path(__file__).parent.parent / "cases" / "validation"
@@ -75,6 +77,56 @@ def test_money_rules_negative_precision_and_type(tmp_path: Path) -> None:
     }
     prices = pl.read_parquet(out.segment).sort("id").get_column("sale_price").to_list()
     assert [str(p) for p in prices] == ["12.34", "1.50", "7.00"]  # 1.500 has only zeros past 2 decimals
+
+
+MONEY_TEXT = st.one_of(
+    st.from_regex(r"-?[0-9]{0,4}(\.[0-9]{0,5})?([eE][0-9])?", fullmatch=True),
+    st.text(alphabet=st.sampled_from(["1", "0", ".", "e", "\n", "\u00e9", "\u20ac", "-"]), max_size=8),
+    st.text(max_size=8),
+)
+
+
+@given(st.lists(MONEY_TEXT, min_size=1, max_size=30), st.integers(0, 40))
+def test_money_checked_by_a_prefilter_is_judged_as_by_the_exact_checks(values: list[str], plain: int) -> None:
+    # Every value the exact checks would flag (an exponent, more than two bytes after the first dot) is among the
+    # prefilter's suspects, so a chunk of plain prices with such values mixed in gets the same verdicts.
+    frame = pl.DataFrame({"p": values})
+    c = pl.col("p")
+    flagged = frame.select(validate._exponent(c) | validate._long_fraction(c)).to_series()
+    suspect = frame.select(c.str.contains(validate._MONEY_SUSPECT)).to_series()
+    assert not (flagged & ~suspect).any()
+    n = len(values) + plain
+    prices = ["12.34"] * plain + values
+    raw = pl.DataFrame(
+        {
+            "id": [str(i) for i in range(n)],
+            "order_id": ["1"] * n,
+            "user_id": ["1"] * n,
+            "product_id": ["1"] * n,
+            "status": ["complete"] * n,
+            "created_at": ["2025-03-01T00:00:00"] * n,
+            "shipped_at": pl.Series([None] * n, dtype=pl.String),
+            "delivered_at": pl.Series([None] * n, dtype=pl.String),
+            "returned_at": pl.Series([None] * n, dtype=pl.String),
+            "sale_price": prices,
+            "_line": list(range(2, n + 2)),
+        }
+    )
+    _, rejected = check_chunk(raw, ORDER_ITEMS)
+    reasons = dict(zip(rejected.get_column("_line").to_list(), rejected.get_column("_reason").to_list(), strict=True))
+    for line, text in enumerate(prices, start=2):
+        exact = pl.DataFrame({"p": [text]}).select(
+            e=validate._exponent(c), long=validate._long_fraction(c), t=c.cast(MONEY_DTYPE, strict=False)
+        )
+        e, long, t = exact.row(0)
+        if e or t is None:
+            assert reasons.get(line) == "bad_type", text
+        elif t < 0:
+            assert reasons.get(line) == "negative_money", text
+        elif long and not re.search(r"\.\d{2}0+$", text):
+            assert reasons.get(line) == "money_precision", text
+        else:
+            assert line not in reasons, text
 
 
 def test_rejected_rows_keep_their_raw_values(tmp_path: Path) -> None:
