@@ -79,10 +79,9 @@ def _fast_timestamps(raw: pl.Expr) -> pl.Expr:
 
 def _complete_timestamps(raw: pl.Series, fast: pl.Series) -> pl.Series:
     """``fast`` (the fast path's result) with the values it missed parsed by the slower formats."""
-    missed = fast.is_null() & raw.is_not_null()
-    if not missed.any():
+    if fast.null_count() == raw.null_count():  # nothing missed (null counts are known without a pass)
         return fast
-    idx = missed.arg_true()
+    idx = (fast.is_null() & raw.is_not_null()).arg_true()
     sub = raw.gather(idx).str.replace(" ", "T", literal=True, n=1)
     slow = pl.select(
         pl.coalesce(
@@ -215,8 +214,11 @@ def _column_result(col: Column, s: pl.Series, computed: pl.DataFrame, faults: _F
     def part(what: str) -> pl.Series:
         return computed.get_column(_part(col.name, what))
 
+    # A condition that cannot hold is not noted: null counts tell without a pass over the column (a cast fails
+    # where a value is present and its result is null), and a chunk's checks then cost a handful of calls.
+    nulls = s.null_count()
     present = s.is_not_null()
-    if col.required:
+    if col.required and nulls:
         faults[Reason.MISSING_REQUIRED].append((~present, col.name))
     if col.kind is Kind.INT:
         t = s if s.dtype == pl.Int64 else part("t")  # the reader may have typed it
@@ -235,7 +237,7 @@ def _column_result(col: Column, s: pl.Series, computed: pl.DataFrame, faults: _F
         t = _statuses(s, part("known"), present, col.name, faults)
     else:
         t = s
-    if col.kind is not Kind.STR and col.kind is not Kind.STATUS:
+    if col.kind is not Kind.STR and col.kind is not Kind.STATUS and t.null_count() > nulls:
         faults[Reason.BAD_TYPE].append((present & t.is_null(), col.name))
     return t
 
@@ -248,7 +250,7 @@ def _one_of(value: pl.Expr, allowed: Sequence[str]) -> pl.Expr:
 
 def _statuses(s: pl.Series, known: pl.Series, present: pl.Series, name: str, faults: _Faults) -> pl.Series:
     """Statuses lowercased; unknown ones noted. Values already lowercase (the usual case) are not copied."""
-    if (known | ~present).all():
+    if known.sum() == s.len() - s.null_count():  # every present status known as written
         return s
     t = s.str.to_lowercase()
     faults[Reason.UNKNOWN_STATUS].append((present & ~t.is_in(STATUSES), name))  # rare: mixed-case statuses
@@ -256,13 +258,23 @@ def _statuses(s: pl.Series, known: pl.Series, present: pl.Series, name: str, fau
 
 
 def _row_rules(typed: dict[str, pl.Series], dataset: Dataset, faults: _Faults) -> None:
-    """The rules between typed values: a positive quantity, no timestamp before ``created_at``."""
+    """The rules between typed values: a positive quantity, no timestamp before ``created_at``. All of a chunk's
+    conditions in one ``select``; only those that hold somewhere are noted."""
+    rules: list[tuple[Reason, str, pl.Expr]] = []
     if "num_of_item" in typed:
-        faults[Reason.BAD_QUANTITY].append(((typed["num_of_item"] < 1).fill_null(False), "num_of_item"))
+        rules.append((Reason.BAD_QUANTITY, "num_of_item", pl.col("num_of_item") < 1))
     if dataset.later_timestamps:
-        created = typed["created_at"]
-        for name in dataset.later_timestamps:
-            faults[Reason.TIMESTAMP_ORDER].append(((typed[name] < created).fill_null(False), name))
+        rules += [(Reason.TIMESTAMP_ORDER, n, pl.col(n) < pl.col("created_at")) for n in dataset.later_timestamps]
+    if not rules:
+        return
+    used = {c for _, n, _ in rules for c in (n, "created_at") if c in typed}
+    hits = pl.DataFrame([typed[c] for c in used]).select(
+        e.fill_null(False).alias(str(i)) for i, (*_, e) in enumerate(rules)
+    )
+    held = hits.select(pl.all().any()).row(0)
+    for (code, name, _), column, any_hit in zip(rules, hits.get_columns(), held, strict=True):
+        if any_hit:
+            faults[code].append((column, name))
 
 
 def _first_fault(faults: _Faults, n: int) -> tuple[pl.Series | None, pl.Series | None]:
