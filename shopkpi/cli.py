@@ -173,10 +173,13 @@ def _print_json(value: object) -> None:
 @arg("--json", action="store_true", help='print {"daily": [...], "category": [...]} instead of tables')
 @arg("--buckets", type=int, metavar="N", help="staging hash buckets, 1-4096 (default: $SHOPKPI_BUCKETS, else 32)")
 def cmd_process(args: argparse.Namespace, settings: Settings) -> ExitCode:
-    from processor.pipeline import process_local
+    from processor.pipeline import expand, process_local
     from shopkpi.render import print_files, print_kpis
 
     if _missing(args.paths):
+        return ExitCode.USAGE
+    if not expand([Path(p) for p in args.paths]):  # an empty directory: most likely the wrong one
+        print(f"no files to process in {', '.join(args.paths)} (directories are searched recursively)", file=sys.stderr)
         return ExitCode.USAGE
     with tempfile.TemporaryDirectory(prefix="shopkpi-staging-") as tmp:
         staging = Path(args.staging) if args.staging else Path(tmp)

@@ -51,6 +51,27 @@ def _reasons(file_reason: str | None, by_reason: dict[str, int] | None) -> str:
 
 
 def print_files(files: Sequence[ValidationResult], merge: MergeResult | None = None) -> None:
+    if not files:  # every file given was recognised: an empty table would read as if nothing had been found
+        console.print(
+            literal(
+                "Files: nothing new to validate (each file given was staged before in this staging directory: "
+                "the same path, size and modification time)"
+            )
+        )
+    else:
+        _print_file_table(files)
+    if merge is not None:
+        waiting = _counts({**merge.pending, **merge.late_rejects}) or "none"
+        console.print(
+            literal(
+                f"merge: generation {merge.generation}, {merge.files_merged} files applied, "
+                f"{merge.groups_recomputed} orders recomputed, {len(merge.dates)} dates changed, "
+                f"{merge.removed_kpis} KPI items removed, conflicts {merge.conflicts}, waiting/rejected: {waiting}"
+            )
+        )
+
+
+def _print_file_table(files: Sequence[ValidationResult]) -> None:
     t = Table(title="Files", title_justify="left")
     for col in ("file", "dataset", "outcome", "rows", "rejected", "reasons"):
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
@@ -68,15 +89,6 @@ def print_files(files: Sequence[ValidationResult], merge: MergeResult | None = N
             style=style,
         )
     console.print(t)
-    if merge is not None:
-        waiting = _counts({**merge.pending, **merge.late_rejects}) or "none"
-        console.print(
-            literal(
-                f"merge: generation {merge.generation}, {merge.files_merged} files applied, "
-                f"{merge.groups_recomputed} orders recomputed, {len(merge.dates)} dates changed, "
-                f"{merge.removed_kpis} KPI items removed, conflicts {merge.conflicts}, waiting/rejected: {waiting}"
-            )
-        )
 
 
 def print_kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> None:

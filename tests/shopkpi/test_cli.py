@@ -875,3 +875,28 @@ def test_an_unknown_log_level_is_one_line(
         "error [ShopKpi.ConfigError]: log level 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL: "
         "fix --log-level or SHOPKPI_LOG_LEVEL"
     )
+
+
+# --- process: what a second run and a wrong directory say ---------------------------------------------------------
+def test_process_of_files_staged_before_says_so_and_shows_the_same_kpis(
+    write_csv: WriteCsv, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOPKPI_WORK_DIR", str(tmp_path / "work"))
+    orders = write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")])
+    command = ["process", str(orders), "--staging", str(tmp_path / "staging")]
+    assert main(command) == cli.ExitCode.OK
+    first = capsys.readouterr().out
+    assert main(command) == cli.ExitCode.OK
+    again = capsys.readouterr().out
+    assert "orders.csv" in first and "staged before" not in first
+    assert "nothing new to validate" in again and "staged before" in again
+    assert again.split("Order KPIs per day")[1] == first.split("Order KPIs per day")[1]
+
+
+def test_process_of_an_empty_directory_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["process", str(tmp_path / "empty")]) == cli.ExitCode.USAGE
+    assert (
+        capsys.readouterr().err
+        == f"no files to process in {tmp_path / 'empty'} (directories are searched recursively)\n"
+    )
