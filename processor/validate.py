@@ -217,9 +217,8 @@ def _column_result(col: Column, s: pl.Series, computed: pl.DataFrame, faults: _F
     # A condition that cannot hold is not noted: null counts tell without a pass over the column (a cast fails
     # where a value is present and its result is null), and a chunk's checks then cost a handful of calls.
     nulls = s.null_count()
-    present = s.is_not_null()
     if col.required and nulls:
-        faults[Reason.MISSING_REQUIRED].append((~present, col.name))
+        faults[Reason.MISSING_REQUIRED].append((s.is_null(), col.name))
     if col.kind is Kind.INT:
         t = s if s.dtype == pl.Int64 else part("t")  # the reader may have typed it
     elif col.kind is Kind.MONEY:
@@ -229,16 +228,16 @@ def _column_result(col: Column, s: pl.Series, computed: pl.DataFrame, faults: _F
             exponent, long = s.to_frame().select(_exponent(c).alias("e"), _long_fraction(c).alias("long"))
             if exponent.any():  # the contract's decimals are plain digits
                 t = pl.select(pl.when(exponent).then(None).otherwise(t)).to_series()
-            faults[Reason.MONEY_PRECISION].append((present & _bad_precision(s, long), col.name))
+            faults[Reason.MONEY_PRECISION].append((s.is_not_null() & _bad_precision(s, long), col.name))
         faults[Reason.NEGATIVE_MONEY].append(((t < 0).fill_null(False), col.name))
     elif col.kind is Kind.TS:
         t = _complete_timestamps(s, part("t"))
     elif col.kind is Kind.STATUS:
-        t = _statuses(s, part("known"), present, col.name, faults)
+        t = _statuses(s, part("known"), col.name, faults)
     else:
         t = s
     if col.kind is not Kind.STR and col.kind is not Kind.STATUS and t.null_count() > nulls:
-        faults[Reason.BAD_TYPE].append((present & t.is_null(), col.name))
+        faults[Reason.BAD_TYPE].append((s.is_not_null() & t.is_null(), col.name))
     return t
 
 
@@ -248,12 +247,12 @@ def _one_of(value: pl.Expr, allowed: Sequence[str]) -> pl.Expr:
     return pl.any_horizontal(value == v for v in allowed)
 
 
-def _statuses(s: pl.Series, known: pl.Series, present: pl.Series, name: str, faults: _Faults) -> pl.Series:
+def _statuses(s: pl.Series, known: pl.Series, name: str, faults: _Faults) -> pl.Series:
     """Statuses lowercased; unknown ones noted. Values already lowercase (the usual case) are not copied."""
     if known.sum() == s.len() - s.null_count():  # every present status known as written
         return s
     t = s.str.to_lowercase()
-    faults[Reason.UNKNOWN_STATUS].append((present & ~t.is_in(STATUSES), name))  # rare: mixed-case statuses
+    faults[Reason.UNKNOWN_STATUS].append((s.is_not_null() & ~t.is_in(STATUSES), name))  # rare: mixed case
     return t
 
 
