@@ -178,12 +178,13 @@ def cmd_process(args: argparse.Namespace, settings: Settings) -> ExitCode:
 
     if _missing(args.paths):
         return ExitCode.USAGE
-    if not expand([Path(p) for p in args.paths]):  # an empty directory: most likely the wrong one
+    files = expand([Path(p) for p in args.paths])  # directories read once, here
+    if not files:  # an empty directory: most likely the wrong one
         print(f"no files to process in {', '.join(args.paths)} (directories are searched recursively)", file=sys.stderr)
         return ExitCode.USAGE
     with tempfile.TemporaryDirectory(prefix="shopkpi-staging-") as tmp:
         staging = Path(args.staging) if args.staging else Path(tmp)
-        run = process_local([Path(p) for p in args.paths], staging, settings)
+        run = process_local(files, staging, settings)
     if args.json:
         sys.stdout.buffer.write(kpis_json(run.daily, run.category) + b"\n")
     else:
