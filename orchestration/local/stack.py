@@ -80,6 +80,9 @@ class EmbeddedStack:
         self.task_env = dict(task_env or {})
         self.pipe_window_s = pipe_window_s
         self.processes: list[Popen[bytes]] = []
+        # moto's server and its executions start tasks from several threads at once: without the lock, two starts
+        # could each drop the other's process from the list (never stopped, never counted).
+        self._tracking = threading.Lock()
         self._server: ThreadedMotoServer | None = None
         self._patches: MotoPatches | None = None
         self._saved_env: dict[str, str | None] = {}
@@ -241,7 +244,8 @@ class EmbeddedStack:
             extra_env=env,
             log_path=self.work_dir / "tasks.log",
         )
-        self.processes = [p for p in self.processes if p.poll() is None] + [process]
+        with self._tracking:
+            self.processes = [p for p in self.processes if p.poll() is None] + [process]
         return process
 
     # --- state -------------------------------------------------------------------------------------------------
