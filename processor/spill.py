@@ -17,6 +17,7 @@ the first batch's fall in the first or the last range.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,27 +109,22 @@ class RangeSpill:
 
     def ranges(self, rows_per_range: int) -> Iterator[pl.DataFrame]:
         """The spilled rows, one frame per group of neighbouring ranges of about ``rows_per_range`` rows, in key
-        order of the groups (rows within a group in no particular order)."""
-        lo = 0
-        while self.files and lo < self.rows.size:
-            hi, n = lo, 0
-            while hi < self.rows.size and (n == 0 or n + self.rows[hi] <= rows_per_range):
-                n += int(self.rows[hi])
-                hi += 1
-            if n:
-                frame = pl.from_arrow(pa.Table.from_batches(self._read(lo, hi), self.arrow_schema), rechunk=True)
-                assert isinstance(frame, pl.DataFrame)
-                yield frame
-            lo = hi
-
-    def _read(self, lo: int, hi: int) -> list[pa.RecordBatch]:
-        """Ranges ``lo`` to ``hi - 1`` of every file: those record batches only are read."""
-        batches = []
-        for path in self.files:
-            with pa.OSFile(str(path)) as source:
-                reader = pa.ipc.open_file(source)
-                batches += [reader.get_batch(i) for i in range(lo, hi)]
-        return batches
+        order of the groups (rows within a group in no particular order). Each file is opened, and its footer
+        read, once; a group reads its ranges' record batches only."""
+        with contextlib.ExitStack() as opened:
+            readers = [pa.ipc.open_file(opened.enter_context(pa.OSFile(str(p)))) for p in self.files]
+            lo = 0
+            while readers and lo < self.rows.size:
+                hi, n = lo, 0
+                while hi < self.rows.size and (n == 0 or n + self.rows[hi] <= rows_per_range):
+                    n += int(self.rows[hi])
+                    hi += 1
+                if n:
+                    batches = [r.get_batch(i) for r in readers for i in range(lo, hi)]
+                    frame = pl.from_arrow(pa.Table.from_batches(batches, self.arrow_schema), rechunk=True)
+                    assert isinstance(frame, pl.DataFrame)
+                    yield frame
+                lo = hi
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
