@@ -25,3 +25,25 @@ def test_an_allocator_setting_in_the_environment_wins() -> None:
     conf = _conf({**os.environ, "_RJEM_MALLOC_CONF": "dirty_decay_ms:0"})
     assert conf.endswith(",dirty_decay_ms:0")
     assert OURS not in conf
+
+
+THREADS = (
+    "import processor, numpy, os; "
+    "print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS', '-'))"
+)
+
+
+def _threads(env: dict[str, str]) -> tuple[int, str]:
+    out = subprocess.run([sys.executable, "-c", THREADS], env=env, capture_output=True, text=True, check=True)
+    count, setting = out.stdout.split()
+    return int(count), setting
+
+
+def test_importing_processor_then_numpy_starts_no_blas_worker_thread() -> None:
+    # OpenBLAS would start one spinning worker per further core at numpy's import; nothing here calls BLAS.
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    assert _threads(env) == (1, "1")
+
+
+def test_a_blas_thread_setting_in_the_environment_wins() -> None:
+    assert _threads({**os.environ, "OPENBLAS_NUM_THREADS": "2"})[1] == "2"
