@@ -29,6 +29,7 @@ class Block:
     data: bytes  # whole records, ending with a newline
     first_line: int
     newlines: int  # physical lines in ``data``
+    unquoted: bool = False  # known to hold no quote (False: not known either way)
 
 
 @dataclass
@@ -151,7 +152,10 @@ class Splitter:
         if data.find(b'"') >= 0:
             return None
         whole = b"".join((memoryview(buf)[base:], memoryview(data)[: nl + 1]))
-        return Block(whole, self.line, count_newlines(whole, 0, len(whole)))
+        # The record in progress may hold a quoted field; if not, the block is known to hold no quote, and the
+        # parser need not search it again.
+        unquoted = buf.find(b'"', base) < 0
+        return Block(whole, self.line, count_newlines(whole, 0, len(whole)), unquoted)
 
     def _bad(self, buf: bytes, start: int, end: int, reason: Reason) -> Bad:
         keep = end if reason is Reason.MALFORMED_ROW and end - start <= self.limit else start + RAW_PREFIX_BYTES

@@ -49,7 +49,12 @@ ROW = st.tuples(INTS, INTS, STATUSES, TIMESTAMPS, TIMESTAMPS, TIMESTAMPS, TIMEST
 @contextmanager
 def string_path_only() -> Iterator[None]:
     """The reader with its typed parse switched off: every block goes through the text parse."""
-    with mock.patch.object(parse, "_typed", lambda data, cols, rows: None):
+    real = parse._plain_rows
+
+    def text_only(data: bytes, cols: parse.Columns, rows: int, *, typed: bool) -> pl.DataFrame | None:
+        return None if typed else real(data, cols, rows, typed=False)
+
+    with mock.patch.object(parse, "_plain_rows", text_only):
         yield
 
 
@@ -87,6 +92,26 @@ def test_typed_and_string_paths_stage_and_reject_the_same_rows(
     fast, text = both_ways(data, chunk_bytes)
     assert fast[0].equals(text[0])
     assert fast[1].equals(text[1])
+
+
+FIELDS = st.lists(st.sampled_from(["", "7", "12", "x"]), max_size=5)  # 0 fields: a blank line
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(FIELDS, min_size=1, max_size=12), last_int=st.booleans())
+def test_a_block_without_quotes_gives_the_record_by_record_rows_and_rejects(
+    lines: list[list[str]], last_int: bool
+) -> None:
+    # Lines short or long by a field, blank lines, and empty values in the last column: the fast path must take a
+    # block as whole rows exactly when every line has the header's fields, as the record path counts them.
+    data = "".join(",".join(f) + "\n" for f in lines).encode()
+    cols = parse.Columns(["a", "b", "c"], ["a", "b", "c"], frozenset({"c"} if last_int else ()), 1 << 20)
+    fast = parse.parse_block(Block(data, 2, len(lines), unquoted=True), cols)
+    rows, bad = parse._parse_records(data, 2, cols)
+    if fast.typed:
+        rows = rows.with_columns(pl.col("c").cast(pl.Int64))
+    assert fast.rows.equals(rows)
+    assert [(b.line, b.reason, b.raw) for b in fast.bad] == [(b.line, b.reason, b.raw) for b in bad]
 
 
 def test_a_clean_block_takes_the_typed_path() -> None:

@@ -357,3 +357,22 @@ def test_gzip_bomb_of_one_repeated_row_reports_every_copy(tmp_path: Path) -> Non
         ingest(cast(IO[bytes], stream), ORDERS, tmp_path / "w", buckets=1, chunk_bytes=1 << 16, max_invalid_share=0.05)
     assert e.value.reason is Reason.TOO_MANY_INVALID
     assert e.value.context["rejects_by_reason"] == {"duplicate_key": 99_999}
+
+
+@given(
+    rows=st.lists(st.sampled_from(["1,2,3", '"4,4",5,6', "7,,9", '8,"x\ny",0']), min_size=1, max_size=30),
+    chunk_bytes=st.integers(4, 40),
+)
+def test_a_block_is_marked_unquoted_only_when_it_holds_no_quote(rows: list[str], chunk_bytes: int) -> None:
+    # The parser skips its own search for a quote in a block marked unquoted: a quote in the record carried over
+    # from the previous read must clear the mark.
+    data = "".join(r + "\n" for r in rows).encode()
+    splitter = records.Splitter(io.BytesIO(data), chunk_bytes, 1 << 20, first_line=1)
+    blocks = [b for b in splitter if isinstance(b, records.Block)]
+    assert b"".join(b.data for b in blocks) == data
+    for b in blocks:
+        if b.unquoted:
+            assert b'"' not in b.data
+    if b'"' not in data:  # read whole: one block, known to hold no quote
+        (whole,) = records.Splitter(io.BytesIO(data), 1 << 20, 1 << 20, first_line=1)
+        assert isinstance(whole, records.Block) and whole.unquoted
