@@ -73,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("pipeline", "process"), default="pipeline",
                    help="pipeline (default) or process: the single-process comparison of perf/compare.py")  # fmt: skip
     p.add_argument("--compare", dest="mode", action="store_const", const="process", help="same as --mode process")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="process mode: runs of each program, interleaved; the fastest counts (default 3)")  # fmt: skip
     return p
 
 
@@ -81,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "process":
         from perf import compare
 
-        return compare.main(["--size-gb", str(args.size_gb), *(["--out", str(args.out)] if args.out else [])])
+        out = ["--out", str(args.out)] if args.out else []
+        return compare.main(["--size-gb", str(args.size_gb), "--rounds", str(args.rounds), *out])
     if min(args.parts, args.days, args.uploaders, args.max_concurrency) < 1 or min(args.window, args.batch_window) < 0:
         err.print(
             "error: --parts, --days, --uploaders and --max-concurrency must be >= 1, --window and --batch-window >= 0"
