@@ -81,12 +81,48 @@ class Landed:
     landed_at: str = ""  # the object's LastModified (ISO 8601, UTC)
 
 
+def landing_keys(paths: list[Path], prefix: str = "incoming") -> list[tuple[Path, str]]:
+    """Where each file (directories read recursively) lands: ``<prefix>/<dataset>/<path>``.
+
+    ``<path>`` is the file's path under the directory it was found in (its name, for a file given itself), so
+    ``day1/orders.csv`` and ``day2/orders.csv`` land as two objects, not one overwriting the other; a leading
+    folder named after the dataset, or a local ``incoming/<dataset>/``, is not repeated. The dataset is read from
+    the whole local path, as ``shopkpi process`` reads it (``.../incoming/orders/part-0001.csv`` is orders). Two
+    files that would still land at the same key (two files of one name given one by one, or two directories with
+    the same layout) raise :class:`ConfigError` before anything is uploaded: the second would silently replace the
+    first."""
+    planned: list[tuple[Path, str]] = []
+    by_key: dict[str, Path] = {}
+    for given in paths:
+        files = expand([given])
+        for path in files:
+            dataset = detect_dataset(path.as_posix())
+            name = dataset.name if dataset else "unknown"
+            rel = list(path.relative_to(given).parts) if given.is_dir() else [path.name]
+            lower = [part.lower() for part in rel[:-1]]
+            for i in range(len(lower) - 1):  # a local copy of a landing area: incoming/<dataset>/ is not repeated
+                if lower[i] == prefix.lower() and lower[i + 1] == name:
+                    rel = rel[i + 2 :]
+                    break
+            else:
+                if lower and lower[0] == name:
+                    rel = rel[1:]
+            key = "/".join([prefix, name, *rel])
+            if key in by_key and by_key[key] != path:
+                raise ConfigError(
+                    f"{by_key[key]} and {path} would both land at {key}, the second replacing the first: "
+                    "rename one, or pass the folder that holds both"
+                )
+            if key not in by_key:
+                by_key[key] = path
+                planned.append((path, key))
+    return planned
+
+
 def ingest(stack: Stack, paths: list[Path], prefix: str = "incoming") -> list[Landed]:
-    """Upload files (directories recursively) to ``incoming/<dataset>/<name>`` as a producer would."""
+    """Upload files (directories recursively) to the keys :func:`landing_keys` gives them, as a producer would."""
     landed = []
-    for path in expand(paths):
-        dataset = detect_dataset(path.name)
-        key = f"{prefix}/{dataset.name if dataset else 'unknown'}/{path.name}"
+    for path, key in landing_keys(paths, prefix):
         stack.s3.upload(path, key)
         info = stack.s3.head(key)
         source = stack.s3.uri(key)

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -374,9 +374,34 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("plan", help="the failed fan-out's plan key")
     mb.add_argument("--error", type=orjson.loads, help="the error Step Functions caught (JSON), for the log")
     m = sub.add_parser("merge", parents=[common], help="recompute and publish the KPIs of the dates that changed")
-    m.add_argument("--from", dest="date_from", help="also recompute this date range (reprocessing)")
-    m.add_argument("--to", dest="date_to")
+    m.add_argument(
+        "--from", dest="date_from", type=_iso_day, help="also recompute this date range (reprocessing): YYYY-MM-DD"
+    )
+    m.add_argument("--to", dest="date_to", type=_iso_day, help="the range's last day, inclusive: YYYY-MM-DD")
     return p
+
+
+def _iso_day(text: str) -> str:
+    """A day as YYYY-MM-DD (what the workflow passes); anything else is an argument error, not a task crash."""
+    problem = argparse.ArgumentTypeError(f"{text!r} is not a date: write YYYY-MM-DD")
+    if len(text) != 10:  # fromisoformat also takes 20250301 and 2025-W09-6
+        raise problem
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise problem from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The task's arguments; a merge's range must be whole and in order (both ends or neither, from <= to)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "merge":
+        if (args.date_from is None) != (args.date_to is None):
+            parser.error("merge: --from and --to go together (a range of days, both inclusive)")
+        if args.date_from is not None and args.date_from > args.date_to:
+            parser.error(f"merge: --from {args.date_from} is after --to {args.date_to}: swap them")
+    return args
 
 
 _STAGING_HELP = "local staging directory, for local sources (default ./shopkpi-staging)"
@@ -499,7 +524,7 @@ def _source_of(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     settings = Settings.load()
     configure(settings.log_level)
     callback: Callback | None = None

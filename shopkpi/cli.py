@@ -182,6 +182,9 @@ def cmd_process(args: argparse.Namespace, settings: Settings) -> ExitCode:
     if not files:  # an empty directory: most likely the wrong one
         print(f"no files to process in {', '.join(args.paths)} (directories are searched recursively)", file=sys.stderr)
         return ExitCode.USAGE
+    if args.staging and Path(args.staging).exists() and not Path(args.staging).is_dir():
+        print(f"--staging must be a directory (it is created if missing): {args.staging} is a file", file=sys.stderr)
+        return ExitCode.USAGE
     with tempfile.TemporaryDirectory(prefix="shopkpi-staging-") as tmp:
         staging = Path(args.staging) if args.staging else Path(tmp)
         run = process_local(files, staging, settings)
@@ -214,8 +217,14 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> ExitCode:
 
     if _missing(args.paths):
         return ExitCode.USAGE  # before connecting, so nothing is uploaded
+    paths = [Path(p) for p in args.paths]
+    # Before connecting, so nothing is uploaded: an empty directory (most likely the wrong one), or two files that
+    # would land at one key (landing_keys raises a ConfigError, printed as a one-line error).
+    if not operations.landing_keys(paths):
+        print(f"no files to ingest in {', '.join(args.paths)} (directories are searched recursively)", file=sys.stderr)
+        return ExitCode.USAGE
     stack = _stack(settings)
-    landed = operations.ingest(stack, [Path(p) for p in args.paths])
+    landed = operations.ingest(stack, paths)
     print(f"uploaded {len(landed)} files to s3://{stack.outputs.bucket}/incoming/", file=sys.stderr)
     if not args.wait:
         return ExitCode.OK
@@ -399,13 +408,17 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from shopkpi.dashboard import make_server
 
     stack = _stack(settings)
-    server = make_server(
-        "127.0.0.1",
-        args.port,
-        lambda f, t: operations.daily(stack, f, t),
-        lambda c, f, t: operations.category(stack, c, f, t),
-        health=lambda: health.snapshot(stack),
-    )
+    try:
+        server = make_server(
+            "127.0.0.1",
+            args.port,
+            lambda f, t: operations.daily(stack, f, t),
+            lambda c, f, t: operations.category(stack, c, f, t),
+            health=lambda: health.snapshot(stack),
+        )
+    except OSError as e:  # the port is taken (or not ours to bind): the same one line as `local up` and `demo`
+        print(f"port {args.port} is in use: pick another with --port ({e.strerror})", file=sys.stderr)
+        return ExitCode.USAGE
     print(f"shopkpi dashboard on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
@@ -584,6 +597,10 @@ def main(argv: Sequence[str] | None = None) -> ExitCode:
         return code
     except ShopKpiError as e:
         print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+        return ExitCode.USAGE
+    except OSError as e:  # a path or a port of this machine the command cannot use: the person can fix it
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return ExitCode.USAGE
 
 

@@ -834,3 +834,16 @@ def test_file_names_that_s3_events_url_encode_are_processed_not_lost(op: operati
     archived = {k.rsplit("/", 1)[-1] for k in keys(op, "archive/")}
     assert set(names) <= archived
     assert stored_kpis(op, "2030-09-01", "2030-09-30") == expected_kpis(paths)
+
+
+def test_files_of_one_name_in_day_folders_are_all_ingested_and_counted(op: operations.Stack, tmp_path: Path) -> None:
+    # A folder per day, the same file names in each: `shopkpi ingest FOLDER` lands every file, none replacing another.
+    days = [small_shop(tmp_path / day, day, base, month) for day, base, month in
+            (("day1", 1_100_000, "2030-10"), ("day2", 1_110_000, "2030-11"))]  # fmt: skip
+    paths = [p.rename(p.with_name(p.name.rsplit("_", 1)[0] + ".csv")) for shop in days for p in shop.paths]
+    assert sorted({p.name for p in paths}) == ["order_items.csv", "orders.csv", "products.csv"]
+    landed = operations.ingest(op, [tmp_path])
+    assert len({x.key for x in landed}) == len(paths) == 6
+    assert operations.wait(op, WAIT_S, landed, settle_s=SETTLE_S)
+    assert all(ledger_record(op, x).outcome == "accepted" for x in landed)
+    assert stored_kpis(op, "2030-10-01", "2030-11-30") == expected_kpis(paths)

@@ -10,6 +10,7 @@ import pytest
 
 from orchestration import operations
 from processor.aws.dynamo import FileRecord
+from processor.errors import ConfigError
 from processor.model import CategoryKpi, OrderKpi
 
 
@@ -132,3 +133,51 @@ def test_kpi_changes_compare_item_by_item() -> None:
     assert changes.category == operations.ItemChanges(rewritten=0, added=0, removed=1)
     assert changes.unchanged == 2 and changes.changed
     assert not operations.kpi_changes(after, after).changed
+
+
+# --- where ingest lands files ----------------------------------------------------------------------------------------
+def write(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("order_id\n1\n")
+    return path
+
+
+def test_files_of_one_name_in_different_folders_land_as_different_objects(tmp_path: Path) -> None:
+    day1, day2 = write(tmp_path / "day1" / "orders.csv"), write(tmp_path / "day2" / "orders.csv")
+    assert operations.landing_keys([tmp_path]) == [
+        (day1, "incoming/orders/day1/orders.csv"),
+        (day2, "incoming/orders/day2/orders.csv"),
+    ]
+
+
+def test_a_file_given_itself_lands_under_its_name_and_its_dataset(tmp_path: Path) -> None:
+    items = write(tmp_path / "deep" / "order_items_part3.csv")
+    other = write(tmp_path / "notes.csv")
+    assert operations.landing_keys([items, other]) == [
+        (items, "incoming/order_items/order_items_part3.csv"),
+        (other, "incoming/unknown/notes.csv"),
+    ]
+
+
+def test_a_local_landing_area_keeps_its_datasets_without_repeating_them(tmp_path: Path) -> None:
+    # the dataset comes from the folder after incoming/, as shopkpi process reads it, not from the file name
+    part = write(tmp_path / "copy" / "incoming" / "orders" / "2025" / "part-0001.csv")
+    products = write(tmp_path / "copy" / "products" / "products.csv")  # a folder named after its dataset
+    assert operations.landing_keys([tmp_path / "copy"]) == [
+        (part, "incoming/orders/2025/part-0001.csv"),
+        (products, "incoming/products/products.csv"),
+    ]
+    assert operations.landing_keys([tmp_path / "copy" / "incoming" / "orders"]) == [
+        (part, "incoming/orders/2025/part-0001.csv")
+    ]
+
+
+def test_two_files_that_would_land_at_one_key_are_refused_before_anything_lands(tmp_path: Path) -> None:
+    first, second = write(tmp_path / "a" / "orders.csv"), write(tmp_path / "b" / "orders.csv")
+    with pytest.raises(ConfigError) as refused:
+        operations.landing_keys([first, second])
+    assert refused.value.message == (
+        f"{first} and {second} would both land at incoming/orders/orders.csv, the second replacing the first: "
+        "rename one, or pass the folder that holds both"
+    )
+    assert operations.landing_keys([first, first]) == [(first, "incoming/orders/orders.csv")]  # named twice: once

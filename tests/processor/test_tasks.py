@@ -398,3 +398,30 @@ def test_a_task_stuck_past_its_deadline_stops_itself(tmp_path: Path) -> None:
     )
     assert done.returncode == tasks.EXIT_ABANDONED
     assert b'"event":"task.deadline"' in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["--from", "2025/03/01", "--to", "2025-03-02"],
+            "argument --from: '2025/03/01' is not a date: write YYYY-MM-DD",
+        ),
+        (["--from", "2025-03-01", "--to", "20250302"], "argument --to: '20250302' is not a date: write YYYY-MM-DD"),
+        (["--from", "2025-03-01"], "merge: --from and --to go together (a range of days, both inclusive)"),
+        (["--to", "2025-03-01"], "merge: --from and --to go together (a range of days, both inclusive)"),
+        (
+            ["--from", "2025-03-05", "--to", "2025-03-01"],
+            "merge: --from 2025-03-05 is after --to 2025-03-01: swap them",
+        ),
+    ],
+)
+def test_a_merge_range_written_wrong_is_an_argument_error_not_a_task_crash(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--staging", "unused", "merge", *argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr()
+    assert err.err.strip().splitlines()[-1].endswith(said)
+    assert "task.crashed" not in err.out

@@ -219,6 +219,29 @@ def test_a_missing_path_is_named_before_anything_is_uploaded(
     assert one_line(capsys.readouterr().err) == f"no such file or directory: {missing}"
 
 
+def test_ingest_of_an_empty_folder_is_a_usage_error_as_for_process(
+    no_stack: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["ingest", str(tmp_path), "--wait"]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"no files to ingest in {tmp_path} (directories are searched recursively)"
+    )
+
+
+def test_ingest_refuses_two_files_that_would_replace_each_other_before_connecting(
+    no_stack: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a" / "orders.csv", tmp_path / "b" / "orders.csv"
+    for f in (first, second):
+        f.parent.mkdir()
+        f.write_text("order_id\n1\n")
+    assert main(["ingest", str(first), str(second)]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error [ShopKpi.ConfigError]: {first} and {second} would both land at incoming/orders/orders.csv, the "
+        "second replacing the first: rename one, or pass the folder that holds both"
+    )
+
+
 @pytest.mark.parametrize("endpoint", ["127.0.0.1:4566", "localhost:4566", "ftp://127.0.0.1"])
 def test_an_endpoint_without_a_scheme_is_one_line(
     no_stack: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, endpoint: str
@@ -900,3 +923,40 @@ def test_process_of_an_empty_directory_is_a_usage_error(tmp_path: Path, capsys: 
         capsys.readouterr().err
         == f"no files to process in {tmp_path / 'empty'} (directories are searched recursively)\n"
     )
+
+
+def test_dashboard_on_a_busy_port_is_one_line_and_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stub_stack(monkeypatch)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["dashboard", "--port", str(port)]) == cli.ExitCode.USAGE
+    assert one_line(capsys.readouterr().err).startswith(f"port {port} is in use: pick another with --port (")
+
+
+def test_process_with_a_file_as_its_staging_directory_is_a_usage_error(
+    no_stack: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    staging = tmp_path / "not-a-dir"
+    staging.write_text("x")
+    data = tmp_path / "orders.csv"
+    data.write_text("order_id\n1\n")
+    assert main(["process", str(data), "--staging", str(staging)]) == cli.ExitCode.USAGE
+    assert one_line(capsys.readouterr().err) == (
+        f"--staging must be a directory (it is created if missing): {staging} is a file"
+    )
+
+
+def test_a_path_the_command_cannot_use_is_one_line_not_a_traceback(
+    no_stack: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("x")
+    data = tmp_path / "orders.csv"
+    data.write_text("order_id\n1\n")
+    staging = tmp_path / "file" / "below-a-file"  # its parent is a file: cannot be created
+    assert main(["process", str(data), "--staging", str(staging)]) == cli.ExitCode.USAGE
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and str(tmp_path / "file") in line
