@@ -13,6 +13,8 @@ the fix, and exits 2.
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import os
 import sys
 import tempfile
@@ -156,6 +158,17 @@ def _missing(paths: Sequence[str]) -> bool:
     return bool(missing)
 
 
+def _first_rejected(staging: Path, file_id: str) -> list[dict[str, str]]:
+    """The first rejected rows of a file, read from the rejected-rows CSV that ``process`` kept in ``staging``."""
+    from shopkpi.render import REJECTED_SHOWN
+
+    path = staging / "rejects" / f"{file_id}.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        return list(itertools.islice(csv.DictReader(f), REJECTED_SHOWN))
+
+
 def _stack(settings: Settings) -> Any:
     from orchestration.operations import Stack
 
@@ -174,7 +187,7 @@ def _print_json(value: object) -> None:
 @arg("--buckets", type=int, metavar="N", help="staging hash buckets, 1-4096 (default: $SHOPKPI_BUCKETS, else 32)")
 def cmd_process(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from processor.pipeline import expand, process_local
-    from shopkpi.render import print_files, print_kpis
+    from shopkpi.render import print_files, print_kpis, print_rejected_rows
 
     if _missing(args.paths):
         return ExitCode.USAGE
@@ -188,10 +201,12 @@ def cmd_process(args: argparse.Namespace, settings: Settings) -> ExitCode:
     with tempfile.TemporaryDirectory(prefix="shopkpi-staging-") as tmp:
         staging = Path(args.staging) if args.staging else Path(tmp)
         run = process_local(files, staging, settings)
+        first_rejected = {f.file_id: _first_rejected(staging, f.file_id) for f in run.files if f.rejected_rows}
     if args.json:
         sys.stdout.buffer.write(kpis_json(run.daily, run.category) + b"\n")
     else:
         print_files(run.files, run.merge)
+        print_rejected_rows(run.files, first_rejected, Path(args.staging) if args.staging else None)
         print_kpis(run.daily, run.category)
     return ExitCode.OK if all(f.outcome == "accepted" for f in run.files) else ExitCode.REJECTED
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -89,6 +90,34 @@ def _print_file_table(files: Sequence[ValidationResult]) -> None:
             style=style,
         )
     console.print(t)
+
+
+#: Rejected rows shown per file after ``shopkpi process``'s table; the rest are in the rejected-rows CSV.
+REJECTED_SHOWN = 3
+
+
+def print_rejected_rows(
+    files: Sequence[ValidationResult], first_rows: dict[str, list[dict[str, str]]], kept: Path | None
+) -> None:
+    """The first rejected rows of each file, with their line, rule and column, and where all of them are kept
+    (``kept``: the staging directory, or None when it was a temporary one that is gone)."""
+    with_rows = [f for f in files if f.rejected_rows and first_rows.get(f.file_id)]
+    if not with_rows:
+        return
+    console.print(literal(f"Rejected rows (the first {REJECTED_SHOWN} of each file; the header is line 1):"))
+    for f in with_rows:
+        name = f.source.rsplit("/", 1)[-1]
+        for row in first_rows[f.file_id]:
+            column = row.get("_column") or ""
+            value = row.get(column) if column else None
+            detail = f", column {column}" + (f" = {value!r}" if value else " (empty)") if column else ""
+            console.print(literal(f"  {name} line {row.get('_line', '?')}: {row.get('_reason', '?')}{detail}"))
+        if kept is not None:
+            console.print(literal(f"  all {f.rejected_rows} of {name}: {kept / 'rejects' / (f.file_id + '.csv')}"))
+    if kept is None:
+        console.print(
+            literal("  to keep every rejected row with its line, column and rule: run again with --staging DIR")
+        )
 
 
 def print_kpis(daily: Sequence[OrderKpi], category: Sequence[CategoryKpi]) -> None:

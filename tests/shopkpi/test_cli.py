@@ -916,6 +916,28 @@ def test_process_of_files_staged_before_says_so_and_shows_the_same_kpis(
     assert again.split("Order KPIs per day")[1] == first.split("Order KPIs per day")[1]
 
 
+def test_process_shows_the_first_rejected_rows_with_line_rule_and_value_and_where_all_are_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOPKPI_WORK_DIR", str(tmp_path / "work"))
+    rules = Path("tests/cases/validation/orders_rules.csv")  # 8 of 11 rows break a rule
+    assert main(["process", str(rules)]) == cli.ExitCode.REJECTED
+    out = capsys.readouterr().out
+    shown = [line.strip() for line in out.splitlines() if line.startswith("  orders_rules.csv line")]
+    assert shown == [
+        "orders_rules.csv line 3: missing_required, column order_id (empty)",
+        "orders_rules.csv line 4: bad_type, column user_id = 'abc'",
+        "orders_rules.csv line 5: unknown_status, column status = 'lost'",
+    ]
+    assert "run again with --staging DIR" in out  # the temporary staging directory is gone
+
+    staging = tmp_path / "staging"
+    assert main(["process", str(rules), "--staging", str(staging)]) == cli.ExitCode.REJECTED
+    kept = next(line for line in capsys.readouterr().out.splitlines() if "all 8 of orders_rules.csv" in line)
+    csv_path = Path(kept.split(": ", 1)[1])
+    assert csv_path.is_relative_to(staging) and len(csv_path.read_text().splitlines()) == 1 + 8
+
+
 def test_process_of_an_empty_directory_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["process", str(tmp_path / "empty")]) == cli.ExitCode.USAGE
