@@ -265,6 +265,8 @@ def transform(file_id: str, ws: Workspace) -> dict[str, Any]:
 def quarantine(file_id: str, ws: Workspace) -> dict[str, Any]:
     """Move a rejected file's original beside its report and rejected rows (a local file stays where it is)."""
     report = _load_report(file_id, ws)
+    if report.get("outcome") == "accepted":  # the workflow quarantines rejected files only; a person may mistype
+        raise ConfigError(f"{file_id} was accepted by validation; nothing to quarantine (transform it instead)")
     return {"file_id": file_id, "quarantined": ws.landing.quarantine(file_id, report), "reason": report.get("reason")}
 
 

@@ -132,6 +132,7 @@ def _number(kind: type[int] | type[float], low: float, high: float, what: str) -
 _PORT = _number(int, 0, 65535, "a port: write 1-65535, or 0 for a free one")
 _SECONDS = _number(float, 0.001, float("inf"), "a number of seconds above 0")
 _COUNT = _number(int, 1, 1_000_000, "a count: write a whole number from 1")
+_BUCKETS = _number(int, 1, 4096, "a bucket count: write a whole number from 1 to 4096")
 _FROM = "first order date, inclusive, YYYY-MM-DD"
 _TO = "last order date, inclusive, YYYY-MM-DD"
 _TIMEOUT = "give up after SECONDS (default: %(default)s) and exit 4"
@@ -184,7 +185,7 @@ def _print_json(value: object) -> None:
 @arg("paths", nargs="+", metavar="PATH", help="files or directories (read recursively), in arrival order")
 @arg("--staging", metavar="DIR", help="keep the staged data in DIR and reuse it next time (default: a temporary one)")
 @arg("--json", action="store_true", help='print {"daily": [...], "category": [...]} instead of tables')
-@arg("--buckets", type=int, metavar="N", help="staging hash buckets, 1-4096 (default: $SHOPKPI_BUCKETS, else 32)")
+@arg("--buckets", type=_BUCKETS, metavar="N", help="staging hash buckets, 1-4096 (default: $SHOPKPI_BUCKETS, else 32)")
 def cmd_process(args: argparse.Namespace, settings: Settings) -> ExitCode:
     from processor.pipeline import expand, process_local
     from shopkpi.render import print_files, print_kpis, print_rejected_rows

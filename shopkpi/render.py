@@ -230,7 +230,7 @@ def print_ledger(files: Sequence[FileRecord], title: str) -> None:
         t.add_column(col, justify="right" if col in ("rows", "rejected") else "left")
     for f in files:
         source = (f.source or "").rsplit("/", 1)[-1]
-        _add_row(t, (f.updated_at or "")[:19], source, str(f.dataset), str(f.outcome), *_file_cells(f))
+        _add_row(t, (f.updated_at or "")[:19], source, f.dataset or "?", str(f.outcome), *_file_cells(f))
     console.print(t)
 
 

@@ -195,6 +195,9 @@ def test_local_paths_work_without_aws(write_csv: WriteCsv, tmp_path: Path, capsy
     p = write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")])
     code, result = task(capsys, "--staging", staging, "validate", str(p))
     assert code == 0 and result["outcome"] == "accepted"
+    code, refused = task(capsys, "--staging", staging, "quarantine", str(result["file_id"]))
+    assert code == 2 and refused["error"]["code"] == "ShopKpi.ConfigError"  # type: ignore[index]
+    assert "was accepted by validation; nothing to quarantine" in refused["error"]["message"]  # type: ignore[index]
     assert task(capsys, "--staging", staging, "transform", str(result["file_id"]))[0] == 0
     code, merged = task(capsys, "--staging", staging, "merge")
     assert merged["kpis"]["daily"][0]["total_orders"] == 1  # type: ignore[index]

@@ -328,6 +328,7 @@ def test_local_up_on_a_busy_port_exits_at_once(
         (["wait", "--timeout", "0"], "--timeout: '0' is not a number of seconds above 0"),
         (["ingest", "x.csv", "--timeout", "5m"], "--timeout: '5m' is not a number of seconds above 0"),
         (["runs", "--limit", "0"], "--limit: '0' is not a count: write a whole number from 1"),
+        (["process", "x.csv", "--buckets", "0"], "--buckets: '0' is not a bucket count: write a whole number from 1"),
     ],
 )
 def test_a_bad_number_is_refused_at_parse_time(

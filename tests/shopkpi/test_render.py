@@ -207,3 +207,11 @@ def test_progress_elsewhere_is_a_plain_line_every_few_seconds_and_one_at_the_end
     assert log.getvalue().splitlines() == [
         f"reprocessing: {s} s, 1 executions running, 0 events queued" for s in ("0", "5", "11", "12")
     ]
+
+
+def test_a_file_of_no_known_dataset_shows_a_question_mark_not_none(screen: StringIO) -> None:
+    render.print_ledger(
+        [FileRecord(outcome="rejected", source="s3://b/incoming/unknown/x.csv", reason="unknown_dataset")], "Files"
+    )
+    row = next(line for line in screen.getvalue().splitlines() if "x.csv" in line)
+    assert "None" not in row and " ? " in row
