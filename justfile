@@ -31,6 +31,7 @@ test *args:
 
 # install the static checkers tests/infra/test_static_checks.py runs, pinned, under .venv/tools: checkov (in a venv
 # of its own: it pins boto3 and packaging far below ours) and asl-validator (npm; needs node and npm)
+[doc("install the pinned static checkers the infra tests run (checkov, asl-validator) under .venv/tools")]
 static-tools checkov="3.3.30" asl_validator="4.0.0":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -54,11 +55,13 @@ generate dir size_gb="0.5":
 # load test of the pipeline: a generated multi-GB shop lands on the embedded stack as producers would; throughput,
 # latency, memory, every KPI checked against DuckDB; JSON + HTML report (see docs/loadtest.md). `--compare`: the
 # single-process comparison (shopkpi process vs bare polars parse vs DuckDB, docs/performance.md)
+[doc("load test of the pipeline on the embedded stack (docs/loadtest.md); --compare: vs a bare parse and DuckDB")]
 loadtest *args:
     python -m shopkpi.loadtest "$@"
 
 # soak test of the pipeline: N files land at once on the embedded stack (repeats and bad files among them); checks
 # that every file ended archived or rejected, the ledger agrees and the KPIs are exact (see docs/operations.md)
+[doc("soak test: N files land at once on the embedded stack; every outcome and KPI checked (docs/operations.md)")]
 soak *args:
     python -m loadgen.soak "$@"
 
@@ -69,5 +72,6 @@ bench-incremental *sizes:
 # benchmark gate (not part of `test`): run perf/test_benchmarks.py, save it under .benchmarks/gate/, print medians
 # and ratios to the calibration; --check fails (exit 1) on a regression against perf/baseline.json (--threshold PCT),
 # --update-baseline rewrites it (see docs/performance.md#benchmark-gate)
+[doc("benchmark gate: medians and ratios to the calibration; --check fails on a regression (docs/performance.md)")]
 bench *args:
     python -m perf.gate "$@"

@@ -778,6 +778,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the JSON manifest instead of a short summary")
     args = parser.parse_args(argv)
+    if (args.orders is not None and args.orders < 1) or (args.size_gb is not None and not args.size_gb > 0):
+        parser.error("--orders must be at least 1 and --size-gb above 0")
+    if min(args.days, args.products, args.parts) < 1 or args.bad_rows < 0:
+        parser.error("--days, --products and --parts must be at least 1, --bad-rows at least 0")
 
     orders: int = args.orders
     if args.size_gb is not None:

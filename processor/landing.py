@@ -96,6 +96,8 @@ class LocalLanding:
         path = Path(source)
         if not path.exists():
             raise NotFound(f"{source} does not exist", source=source)
+        if path.is_dir():  # a task validates one file (a named pipe too); `shopkpi process` takes folders
+            raise ConfigError(f"{source} is a folder: a task validates one file at a time", source=source)
         stat = path.stat()
         return file_id_for(str(path.resolve()), f"{stat.st_size}:{stat.st_mtime_ns}"), datetime.now(UTC)
 

@@ -252,7 +252,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> ExitCode:
     failed = operations.failed_executions(stack, results)
     print_failed_executions(failed)
     if not done:
-        print(f"timed out after {args.timeout:.0f} s", file=sys.stderr)
+        print(f"timed out after {args.timeout:g} s", file=sys.stderr)
         return ExitCode.TIMED_OUT
     if failed or any(r.outcome not in ("accepted", "rejected") for r in results):
         return ExitCode.FAILED
@@ -266,7 +266,7 @@ def cmd_wait(args: argparse.Namespace, settings: Settings) -> ExitCode:
 
     if operations.wait(_stack(settings), args.timeout):
         return ExitCode.OK
-    print(f"still busy after {args.timeout:.0f} s", file=sys.stderr)
+    print(f"still busy after {args.timeout:g} s", file=sys.stderr)
     return ExitCode.TIMED_OUT
 
 
@@ -369,7 +369,7 @@ def cmd_reprocess(args: argparse.Namespace, settings: Settings) -> ExitCode:
     with WaitProgress(f"reprocessing {args.date_from}..{args.date_to}") as progress:
         done = operations.wait(stack, args.timeout, on_status=progress)
     if not done:
-        print(f"still busy after {args.timeout:.0f} s", file=sys.stderr)
+        print(f"still busy after {args.timeout:g} s", file=sys.stderr)
         return ExitCode.TIMED_OUT
     result = operations.reprocess_result(stack, arn, before, args.date_from, args.date_to)
     print_reprocess(result)

@@ -260,3 +260,23 @@ def test_cli_writes_the_files_and_prints_a_json_summary(tmp_path: Path, capsys: 
     assert summary["rows"]["orders"] == 200 and len(summary["bad_rows"]) == 3
     assert summary["bad_file_reason"] == "missing_column"
     assert not any(p.name == "manifest.json" for p in (tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--size-gb", "-1"],
+        ["--size-gb", "0"],
+        ["--orders", "0"],
+        ["--orders", "5", "--days", "0"],
+        ["--orders", "5", "--parts", "0"],
+    ],
+)
+def test_a_size_or_count_below_one_is_refused_before_anything_is_written(
+    tmp_path: Path, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "out"), *args])
+    assert stop.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

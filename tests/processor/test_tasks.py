@@ -428,3 +428,18 @@ def test_a_merge_range_written_wrong_is_an_argument_error_not_a_task_crash(
     err = capsys.readouterr()
     assert err.err.strip().splitlines()[-1].endswith(said)
     assert "task.crashed" not in err.out
+
+
+def test_a_folder_to_validate_or_a_file_as_staging_is_a_config_error_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], write_csv: WriteCsv
+) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    code, result = task(capsys, "--staging", str(tmp_path / "st"), "validate", str(folder))
+    assert code == 2 and result["error"]["code"] == "ShopKpi.ConfigError"  # type: ignore[index]
+    assert result["error"]["message"] == f"{folder} is a folder: a task validates one file at a time"  # type: ignore[index]
+    not_a_dir = tmp_path / "staging-file"
+    not_a_dir.write_text("x")
+    p = write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")])
+    code, result = task(capsys, "--staging", str(not_a_dir), "validate", str(p))
+    assert code == 2 and "must be a directory" in result["error"]["message"]  # type: ignore[index]
