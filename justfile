@@ -35,6 +35,11 @@ test *args:
 static-tools checkov="3.3.30" asl_validator="4.0.0":
     #!/usr/bin/env bash
     set -euo pipefail
+    case "{{checkov}}" in -*)
+        echo "usage: ./dev static-tools [CHECKOV_VERSION [ASL_VALIDATOR_VERSION]]  (default 3.3.30 4.0.0)"
+        echo "installs checkov and asl-validator, pinned, under .venv/tools (what tests/infra/test_static_checks.py runs)"
+        exit 0;;
+    esac
     tools=.venv/tools
     if [ "$("$tools/checkov/bin/checkov" --version 2>/dev/null)" != "{{checkov}}" ]; then
         python -m venv "$tools/checkov"
@@ -67,7 +72,7 @@ soak *args:
 
 # merge cost of one late delivery against the size of the staged history (see docs/performance.md)
 bench-incremental *sizes:
-    python -m perf.incremental --sizes {{ if sizes == "" { "0 0.5 2" } else { sizes } }}
+    python -m perf.incremental {{ if sizes == "" { "--sizes 0 0.5 2" } else if sizes =~ '^-' { sizes } else { "--sizes " + sizes } }}
 
 # benchmark gate (not part of `test`): run perf/test_benchmarks.py, save it under .benchmarks/gate/, print medians
 # and ratios to the calibration; --check fails (exit 1) on a regression against perf/baseline.json (--threshold PCT),

@@ -168,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="data and arrival order (default 1)")
     p.add_argument("--timeout", type=float, help="seconds to wait for the pipeline (default 120 + 3 per file)")
     args = p.parse_args(argv)
+    if args.files < 6:
+        p.error(
+            f"files: {args.files} is too few: a soak needs at least 6 (3 good ones, a repeat, a copy and a bad file)"
+        )
     report = run(args.files, seed=args.seed, timeout_s=args.timeout)
     sys.stdout.buffer.write(to_json({**asdict(report), "ok": report.ok}, indent=2) + b"\n")
     return 0 if report.ok else 1

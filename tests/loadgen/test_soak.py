@@ -38,3 +38,10 @@ def test_a_file_the_ledger_lost_fails_the_soak(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(operations, "wait", wait)
     report = soak.run(6, seed=4)
     assert any("products.csv" in f and "ledger says none" in f for f in report.failures), report.failures
+
+
+def test_too_few_files_is_an_argument_error_before_any_stack_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        soak.main(["5"])
+    assert stop.value.code == 2
+    assert "files: 5 is too few: a soak needs at least 6" in capsys.readouterr().err
