@@ -782,6 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--orders must be at least 1 and --size-gb above 0")
     if min(args.days, args.products, args.parts) < 1 or args.bad_rows < 0:
         parser.error("--days, --products and --parts must be at least 1, --bad-rows at least 0")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        parser.error(f"out_dir: {args.out_dir} is a file, not a folder")
 
     orders: int = args.orders
     if args.size_gb is not None:

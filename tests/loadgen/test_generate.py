@@ -280,3 +280,12 @@ def test_a_size_or_count_below_one_is_refused_before_anything_is_written(
     assert stop.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "taken"
+    target.write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        main([str(target), "--orders", "5"])
+    assert stop.value.code == 2
+    assert f"out_dir: {target} is a file, not a folder" in capsys.readouterr().err
