@@ -105,7 +105,7 @@ def test_task_definition_command_matches_the_image_entry_point() -> None:
         ["validate", "s3://b/k"],
         ["transform", "f"],
         ["quarantine", "f"],
-        ["merge", "--from", "a", "--to", "b"],
+        ["merge", "--from", "2025-03-01", "--to", "2025-03-02"],  # reprocess checks its dates before it starts
     ):
         build_parser().parse_args(argv)
 
