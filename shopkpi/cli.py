@@ -614,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> ExitCode:
     except ShopKpiError as e:
         print(f"error [{e.code}]: {e.message}", file=sys.stderr)
         return ExitCode.USAGE
+    except BrokenPipeError:  # `shopkpi kpis daily | head`: the reader has what it wanted, nothing went wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return ExitCode.OK
     except OSError as e:  # a path or a port of this machine the command cannot use: the person can fix it
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)

@@ -4,7 +4,10 @@ traceback, and exits with a documented status (argument and configuration errors
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
@@ -983,3 +986,20 @@ def test_a_path_the_command_cannot_use_is_one_line_not_a_traceback(
     assert main(["process", str(data), "--staging", str(staging)]) == cli.ExitCode.USAGE
     line = one_line(capsys.readouterr().err)
     assert line.startswith("error: ") and str(tmp_path / "file") in line
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
+    # `shopkpi process DIR --json | head -1`: the reader closes the pipe; no traceback, no error, status 0.
+    data = Path("tests/cases/validation/orders_minimal.csv")
+    env = {**os.environ, "SHOPKPI_WORK_DIR": str(tmp_path / "work")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shopkpi.cli", "process", str(data), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "error" not in err.lower()
