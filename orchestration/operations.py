@@ -121,8 +121,13 @@ def landing_keys(paths: list[Path], prefix: str = "incoming") -> list[tuple[Path
 
 def ingest(stack: Stack, paths: list[Path], prefix: str = "incoming") -> list[Landed]:
     """Upload files (directories recursively) to the keys :func:`landing_keys` gives them, as a producer would."""
+    return upload(stack, landing_keys(paths, prefix))
+
+
+def upload(stack: Stack, planned: list[tuple[Path, str]]) -> list[Landed]:
+    """Upload each file of :func:`landing_keys`'s plan to its key."""
     landed = []
-    for path, key in landing_keys(paths, prefix):
+    for path, key in planned:
         stack.s3.upload(path, key)
         info = stack.s3.head(key)
         source = stack.s3.uri(key)

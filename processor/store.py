@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
+from processor.errors import ConfigError
+
 if TYPE_CHECKING:
     from processor.aws.s3 import S3Store
 
@@ -43,6 +45,8 @@ class Store(Protocol):
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        if root.exists() and not root.is_dir():  # `--staging FILE`, in the CLI and the tasks alike
+            raise ConfigError(f"the staging directory {root} is a file: give a directory (it is created if missing)")
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:

@@ -482,10 +482,7 @@ def _workspace(args: argparse.Namespace, settings: Settings) -> Workspace:
     remote = args.command in REMOTE and local is None
     if str(getattr(args, "source", "")).startswith("s3://") or getattr(args, "event", None) or remote:
         return Workspace.aws(settings)
-    staging = local or Path("shopkpi-staging")
-    if staging.exists() and not staging.is_dir():
-        raise ConfigError(f"--staging must be a directory (it is created if missing): {staging} is a file")
-    return Workspace.local(staging)
+    return Workspace.local(local or Path("shopkpi-staging"))
 
 
 REMOTE = (

@@ -196,9 +196,6 @@ def cmd_process(args: argparse.Namespace, settings: Settings) -> ExitCode:
     if not files:  # an empty directory: most likely the wrong one
         print(f"no files to process in {', '.join(args.paths)} (directories are searched recursively)", file=sys.stderr)
         return ExitCode.USAGE
-    if args.staging and Path(args.staging).exists() and not Path(args.staging).is_dir():
-        print(f"--staging must be a directory (it is created if missing): {args.staging} is a file", file=sys.stderr)
-        return ExitCode.USAGE
     with tempfile.TemporaryDirectory(prefix="shopkpi-staging-") as tmp:
         staging = Path(args.staging) if args.staging else Path(tmp)
         run = process_local(files, staging, settings)
@@ -233,14 +230,14 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> ExitCode:
 
     if _missing(args.paths):
         return ExitCode.USAGE  # before connecting, so nothing is uploaded
-    paths = [Path(p) for p in args.paths]
     # Before connecting, so nothing is uploaded: an empty directory (most likely the wrong one), or two files that
     # would land at one key (landing_keys raises a ConfigError, printed as a one-line error).
-    if not operations.landing_keys(paths):
+    planned = operations.landing_keys([Path(p) for p in args.paths])
+    if not planned:
         print(f"no files to ingest in {', '.join(args.paths)} (directories are searched recursively)", file=sys.stderr)
         return ExitCode.USAGE
     stack = _stack(settings)
-    landed = operations.ingest(stack, paths)
+    landed = operations.upload(stack, planned)
     print(f"uploaded {len(landed)} files to s3://{stack.outputs.bucket}/incoming/", file=sys.stderr)
     if not args.wait:
         return ExitCode.OK

@@ -442,4 +442,4 @@ def test_a_folder_to_validate_or_a_file_as_staging_is_a_config_error_not_a_crash
     not_a_dir.write_text("x")
     p = write_csv("orders.csv", [order(10, 100, "2025-03-01T08:00:00")])
     code, result = task(capsys, "--staging", str(not_a_dir), "validate", str(p))
-    assert code == 2 and "must be a directory" in result["error"]["message"]  # type: ignore[index]
+    assert code == 2 and "is a file: give a directory" in result["error"]["message"]  # type: ignore[index]

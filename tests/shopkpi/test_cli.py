@@ -471,7 +471,7 @@ def test_ingest_wait_exits_with_the_worst_outcome(
         p.write_text("x\n")
     stub_stack(monkeypatch)
     landed = [operations.Landed(p, f"incoming/x/{p.name}", f"id-{p.name}") for p in paths]
-    monkeypatch.setattr(operations, "ingest", lambda stack, given: landed if given == paths else [])
+    monkeypatch.setattr(operations, "upload", lambda stack, planned: landed if [p for p, _ in planned] == paths else [])
     monkeypatch.setattr(operations, "wait", lambda stack, timeout, files, on_status: done)
     results = [outcome(f, o) for f, o in zip(landed, outcomes, strict=True)]
     monkeypatch.setattr(operations, "outcomes", lambda stack, files: results)
@@ -496,7 +496,7 @@ def test_ingest_wait_shows_progress_on_stderr_every_few_seconds_when_not_a_termi
 ) -> None:
     path = one_file_on_a_stub_stack(tmp_path, monkeypatch)
     landed = [operations.Landed(path, "incoming/orders/orders.csv", "1")]
-    monkeypatch.setattr(operations, "ingest", lambda stack, given: landed)
+    monkeypatch.setattr(operations, "upload", lambda stack, planned: landed)
 
     def wait(stack: object, timeout: float, files: object, on_status: operations.OnStatus) -> bool:
         for elapsed in (0.0, 0.5, 1.0, 5.2, 5.7, 10.1, 11.0):  # polls: a line at 0, 5 and 10 s, and the last one
@@ -520,7 +520,7 @@ def test_ingest_without_wait_only_uploads(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     path = one_file_on_a_stub_stack(tmp_path, monkeypatch)
-    monkeypatch.setattr(operations, "ingest", lambda stack, paths: [operations.Landed(path, "incoming/o", "1")])
+    monkeypatch.setattr(operations, "upload", lambda stack, planned: [operations.Landed(path, "incoming/o", "1")])
     monkeypatch.setattr(operations, "wait", lambda *a, **k: pytest.fail("waited without --wait"))
     assert main(["ingest", str(path)]) == cli.ExitCode.OK
     assert capsys.readouterr().err == "uploaded 1 files to s3://landing/incoming/\n"
@@ -972,7 +972,8 @@ def test_process_with_a_file_as_its_staging_directory_is_a_usage_error(
     data.write_text("order_id\n1\n")
     assert main(["process", str(data), "--staging", str(staging)]) == cli.ExitCode.USAGE
     assert one_line(capsys.readouterr().err) == (
-        f"--staging must be a directory (it is created if missing): {staging} is a file"
+        f"error [ShopKpi.ConfigError]: the staging directory {staging} is a file: give a directory (it is created if "
+        "missing)"
     )
 
 
