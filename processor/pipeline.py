@@ -292,9 +292,14 @@ def merge_local(
     return result
 
 
+def rejects_key(file_id: str) -> str:
+    """Where a local run keeps a file's rejected rows, under its staging directory."""
+    return f"rejects/{file_id}.csv"
+
+
 def _keep_outputs(store: Store, v: Validated) -> None:
     """Report and rejected rows of every file, next to the staged data."""
     fid = v.result.file_id
     store.put_bytes(f"reports/{fid}.json", msgspec.json.encode(v.report))
     if v.rejects_csv is not None and v.rejects_csv.exists():
-        store.put_file(v.rejects_csv, f"rejects/{fid}.csv")
+        store.put_file(v.rejects_csv, rejects_key(fid))

@@ -161,9 +161,10 @@ def _missing(paths: Sequence[str]) -> bool:
 
 def _first_rejected(staging: Path, file_id: str) -> list[dict[str, str]]:
     """The first rejected rows of a file, read from the rejected-rows CSV that ``process`` kept in ``staging``."""
+    from processor.pipeline import rejects_key
     from shopkpi.render import REJECTED_SHOWN
 
-    path = staging / "rejects" / f"{file_id}.csv"
+    path = staging / rejects_key(file_id)
     if not path.exists():
         return []
     with path.open(newline="", encoding="utf-8", errors="replace") as f:

@@ -101,6 +101,8 @@ def print_rejected_rows(
 ) -> None:
     """The first rejected rows of each file, with their line, rule and column, and where all of them are kept
     (``kept``: the staging directory, or None when it was a temporary one that is gone)."""
+    from processor.pipeline import rejects_key  # the processor's pipeline is imported only by the commands using it
+
     with_rows = [f for f in files if f.rejected_rows and first_rows.get(f.file_id)]
     if not with_rows:
         return
@@ -113,7 +115,7 @@ def print_rejected_rows(
             detail = f", column {column}" + (f" = {value!r}" if value else " (empty)") if column else ""
             console.print(literal(f"  {name} line {row.get('_line', '?')}: {row.get('_reason', '?')}{detail}"))
         if kept is not None:
-            console.print(literal(f"  all {f.rejected_rows} of {name}: {kept / 'rejects' / (f.file_id + '.csv')}"))
+            console.print(literal(f"  all {f.rejected_rows} of {name}: {kept / rejects_key(f.file_id)}"))
     if kept is None:
         console.print(
             literal("  to keep every rejected row with its line, column and rule: run again with --staging DIR")
